@@ -1,0 +1,4 @@
+from ldm_asym.models.autoencoder import AsymmetricAutoencoder
+from ldm_asym.models.decoder import BLEND_MODES, AsymmetricDecoder, ConditionBranch
+
+__all__ = ["AsymmetricAutoencoder", "AsymmetricDecoder", "ConditionBranch", "BLEND_MODES"]
