@@ -66,3 +66,29 @@ def masks(b: int, h: int, w: int, seed: int = 0) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
+
+
+def to_ldm_layout(sd: dict) -> dict:
+    """diffusers keys -> original LDM / authors' keys (DESIGN §6), written independently of ldm_asym."""
+    import re
+
+    n_up = len({k.split(".")[2] for k in sd if k.startswith("decoder.up_blocks.")})
+    out = {}
+    for key, v in sd.items():
+        k = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
+        k = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
+        m = re.match(r"^decoder\.up_blocks\.(\d+)\.(.*)$", k)
+        if m:
+            rest = m.group(2).replace("resnets.", "block.").replace("upsamplers.0.", "upsample.")
+            k = f"decoder.up.{n_up - 1 - int(m.group(1))}.{rest}"
+        k = k.replace("mid_block.resnets.0.", "mid.block_1.").replace("mid_block.resnets.1.", "mid.block_2.")
+        k = k.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+        k = k.replace("decoder.condition_encoder.", "decoder.encoder.")
+        if ".mid_block.attentions.0." in k:
+            k = k.replace("mid_block.attentions.0.", "mid.attn_1.")
+            for a, b in (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")):
+                k = k.replace(f".{a}.", f".{b}.")
+            if v.ndim == 2:
+                v = v[:, :, None, None]  # LDM uses 1x1 convs
+        out[k] = v
+    return out

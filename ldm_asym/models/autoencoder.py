@@ -83,12 +83,14 @@ class AsymmetricAutoencoder(nn.Module):
         self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if cfg["use_quant_conv"] else None
         self.post_quant_conv = nn.Conv2d(c, c, 1) if cfg["use_post_quant_conv"] else None
 
+        # The decoder inherits latent channels and GroupNorm groups from the VAE unless told otherwise.
+        inherited = {"latent_channels": c, "norm_num_groups": cfg["norm_num_groups"]}
         if isinstance(decoder, nn.Module):
             self.decoder = decoder
         elif decoder is not None and "target" in decoder:
-            self.decoder = instantiate_from_config(decoder, latent_channels=c)
+            self.decoder = instantiate_from_config(decoder, **inherited)
         else:
-            self.decoder = AsymmetricDecoder(**{"latent_channels": c, **dict(decoder or {})})
+            self.decoder = AsymmetricDecoder(**{**inherited, **dict(decoder or {})})
         self.downsample_factor = 2 ** (len(cfg["block_out_channels"]) - 1)
         if self.decoder.upsample_factor != self.downsample_factor:
             raise ValueError(

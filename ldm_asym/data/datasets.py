@@ -1,0 +1,435 @@
+"""Training / validation datasets: the paper's random square crops plus LaMa masks.
+
+Every dataset returns `{"image": 3×S×S float32 in [-1, 1], "mask": 1×S×S float32 (1 = hole),
+"n_skipped": int}`. File-backed datasets skip unreadable images (trying the next index) and
+report how many were skipped per sample, so the training loop can sum it across workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import struct
+import warnings
+import zlib
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from ldm_asym.data.masks import MaskGenerator
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+CACHE_NAME = ".ldm_asym_filelist.txt"
+_CACHE_HEADER = "# ldm_asym file list v1 fingerprint="
+
+
+class UnusableImageError(Exception):
+    """The file cannot be decoded into a sane RGB image; datasets skip it."""
+
+
+# What Pillow raises for corrupt, truncated, non-image and oversized files.
+_DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    struct.error,
+    zlib.error,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB of any Pillow mode; transparency is composited on white."""
+    if im.mode in _SIXTEEN_BIT:
+        # 16-bit PNGs hold 0..65535; Pillow's convert() would clip them at 255 instead of scaling.
+        values = np.asarray(im, dtype=np.float64) / 257.0
+        im = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+    if im.mode in _ALPHA or "transparency" in im.info:
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im.convert("RGBA"))
+    return im.convert("RGB")
+
+
+def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
+    """Decode `path` to an upright (EXIF-rotated) 8-bit RGB image, or raise UnusableImageError.
+
+    `min_side` is the smallest short side the caller needs: JPEGs are then decoded at a reduced
+    DCT scale (Image.draft), which is several times faster for large photos.
+    """
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; both sizes are unusable here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if min_side and im.format in ("JPEG", "MPO") and min(im.size) > min_side:
+                    # draft() keeps each side >= the request, so the short side stays >= min_side.
+                    r = min_side / min(im.size)
+                    im.draft("RGB", (math.ceil(im.width * r), math.ceil(im.height * r)))
+                im.load()
+                return to_rgb(ImageOps.exif_transpose(im))
+    except _DECODE_ERRORS as e:
+        raise UnusableImageError(f"{type(e).__name__}: {e}") from e
+
+
+class Crop(NamedTuple):
+    """A square crop relative to the image: side = scale * short side; u, v place it in [0, 1)."""
+
+    scale: float = 1.0
+    u: float = 0.5
+    v: float = 0.5
+    flip: bool = False
+
+
+def crop_resize(im: Image.Image, size: int, crop: Crop = Crop()) -> Image.Image:
+    """Cut the square `crop` out of `im` and resize it to size×size."""
+    side = max(1, round(crop.scale * min(im.size)))
+    x0 = min(int(crop.u * (im.width - side + 1)), im.width - side)
+    y0 = min(int(crop.v * (im.height - side + 1)), im.height - side)
+    box = (x0, y0, x0 + side, y0 + side)
+    if side == size:
+        im = im.crop(box)
+    else:
+        # BOX is the area filter when shrinking (no aliasing); bicubic when a small crop must grow.
+        im = im.resize((size, size), Image.BOX if side > size else Image.BICUBIC, box=box)
+    return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if crop.flip else im
+
+
+def to_tensor(im: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> 3×H×W float32 in [-1, 1]."""
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
+class _CropMaskDataset(Dataset):
+    """The paper's transform: random square crop of side min(H, W) * U(crop_min, 1), resized to `size`."""
+
+    def __init__(self, size: int, train: bool, crop_min: float, flip: bool, masks: dict | None):
+        if not 0.0 < crop_min <= 1.0:
+            raise ValueError(f"crop_min must be in (0, 1]; got {crop_min}")
+        self.size = int(size)
+        self.train = train
+        self.crop_min = float(crop_min)
+        self.flip = flip
+        self.masks = MaskGenerator(size=self.size, **(masks or {}))
+
+    def _random_crop(self, generator: torch.Generator | None = None) -> Crop:
+        # torch's RNG, so DataLoader worker seeding and seed_everything make crops reproducible.
+        scale, u, v, f = torch.rand(4, generator=generator).tolist()
+        return Crop(self.crop_min + (1.0 - self.crop_min) * scale, u, v, self.flip and f < 0.5)
+
+    def _mask_seed(self, idx: int) -> int:
+        # Validation masks are fixed per sample; training ones follow torch's RNG like the crops.
+        return int(torch.randint(2**31, ())) if self.train else idx
+
+    def _sample(self, im: Image.Image, crop: Crop, mask_seed: int, n_skipped: int = 0) -> dict:
+        return {
+            "image": to_tensor(crop_resize(im, self.size, crop)),
+            "mask": self.masks(mask_seed),
+            "n_skipped": n_skipped,
+        }
+
+
+class _FileImageDataset(_CropMaskDataset):
+    """Images from files; an unusable file is skipped (next index), logged and counted."""
+
+    max_consecutive_failures = 50
+    _log_first = 10
+    _log_every = 100
+
+    def __init__(self, root: str, files: Sequence[str], size, train, crop_min, flip, masks):
+        super().__init__(size, train, crop_min, flip, masks)
+        self.root = root
+        # One bytes array instead of a list of str: forked DataLoader workers touching a list's
+        # refcounts would copy it page by page, i.e. once per worker for 1.28M ImageNet paths.
+        self._files = np.array([os.fsencode(f) for f in files])
+        self.skipped = 0  # per process: each DataLoader worker counts its own
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def path(self, idx: int) -> str:
+        # os.path.join keeps absolute entries as they are.
+        return os.path.join(self.root, os.fsdecode(self._files[idx]))
+
+    def __getitem__(self, idx: int) -> dict:
+        n = len(self)
+        if not -n <= idx < n:
+            raise IndexError(f"index {idx} out of range for {n} images")
+        idx %= n
+        crop = self._random_crop() if self.train else Crop()
+        seed = self._mask_seed(idx)
+        # The DCT downscale may shrink the image only as far as the crop still covers `size` px.
+        min_side = math.ceil(self.size / crop.scale)
+        reason = ""
+        for k in range(min(n, self.max_consecutive_failures)):
+            path = self.path((idx + k) % n)
+            try:
+                im = load_image(path, min_side)
+            except UnusableImageError as e:
+                reason = str(e)
+                self._report_skip(path, reason)
+                continue
+            return self._sample(im, crop, seed, n_skipped=k)
+        raise RuntimeError(
+            f"{min(n, self.max_consecutive_failures)} consecutive images from {self.path(idx)} could not be "
+            f"read (last error: {reason}); the image source under {self.root} looks broken"
+        )
+
+    def _report_skip(self, path: str, reason: str) -> None:
+        self.skipped += 1
+        if self.skipped <= self._log_first or self.skipped % self._log_every == 0:
+            log.warning("skipping unusable image %s (%s); %d skipped so far in this process", path, reason, self.skipped)
+
+
+def _normalise_extensions(extensions: Sequence[str]) -> tuple[str, ...]:
+    return tuple(sorted({("." + e.lower().lstrip(".")) for e in extensions}))
+
+
+def _fingerprint(root: str, extensions: tuple[str, ...]) -> str:
+    """Hash of the mtimes of `root` and its immediate subfolders (ImageNet's class folders).
+
+    Adding or removing a file changes its folder's mtime, so this catches changes in the usual
+    one- and two-level layouts without walking every file.
+    """
+    h = hashlib.sha1(f"{root}\0{','.join(extensions)}\0{os.stat(root).st_mtime_ns}".encode())
+    with os.scandir(root) as entries:
+        subdirs = sorted((e.name, e.stat().st_mtime_ns) for e in entries if e.is_dir() and not e.name.startswith("."))
+    for name, mtime in subdirs:
+        h.update(f"\0{name}\0{mtime}".encode(errors="surrogateescape"))
+    return h.hexdigest()
+
+
+def _scan(root: str, extensions: tuple[str, ...]) -> list[str]:
+    files = []
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        # Hidden entries are metadata (.git, macOS "._x.jpg" resource forks), never images.
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel = os.path.relpath(folder, root)
+        for name in names:
+            if not name.startswith(".") and "\n" not in name and os.path.splitext(name)[1].lower() in extensions:
+                files.append(name if rel == "." else os.path.join(rel, name))
+    return sorted(files)
+
+
+def _default_caches(root: str) -> list[str]:
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    key = hashlib.sha1(os.fsencode(root)).hexdigest()[:16]
+    return [os.path.join(root, CACHE_NAME), os.path.join(home, "ldm_asym", f"filelist-{key}.txt")]
+
+
+def _read_cache(path: str, fingerprint: str) -> list[str] | None:
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            if f.readline().rstrip("\n") != _CACHE_HEADER + fingerprint:
+                return None
+            return f.read().splitlines()
+    except OSError:
+        return None
+
+
+def _write_cache(path: str, root: str, extensions: tuple[str, ...], files: list[str]) -> bool:
+    """Write the list atomically; False if `path` is not writable."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    placeholder = _CACHE_HEADER + "0" * 40
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(placeholder + "\n")
+            f.writelines(name + "\n" for name in files)
+        os.replace(tmp, path)
+        # Creating the cache inside `root` changed root's mtime; fingerprint the folder as it is
+        # now and patch the fixed-width header in place (that does not touch the folder's mtime).
+        with open(path, "r+", encoding="utf-8") as f:
+            f.write(_CACHE_HEADER + _fingerprint(root, extensions))
+        return True
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        return False
+
+
+def list_images(
+    root: str | os.PathLike,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    cache_file: str | os.PathLike | None = None,
+    refresh: bool = False,
+) -> list[str]:
+    """Sorted image paths under `root` (recursive, relative to it), cached in a text file.
+
+    The cache (`cache_file`, else `<root>/.ldm_asym_filelist.txt`, else under ~/.cache/ldm_asym/)
+    is reused while the mtimes of root and its subfolders are unchanged; `refresh` forces a rescan.
+    """
+    root = os.path.abspath(root)
+    extensions = _normalise_extensions(extensions)
+    caches = [os.fspath(cache_file)] if cache_file is not None else _default_caches(root)
+    if not refresh:
+        fingerprint = _fingerprint(root, extensions)
+        for cache in caches:
+            files = _read_cache(cache, fingerprint)
+            if files is not None:
+                return files
+    files = _scan(root, extensions)
+    if not any(_write_cache(cache, root, extensions, files) for cache in caches):
+        log.warning("could not write the file list cache to %s; %s will be rescanned next time", caches, root)
+    return files
+
+
+class ImageFolderDataset(_FileImageDataset):
+    """All images under `root` (recursively), in sorted order.
+
+    `masks`: MaskGenerator kwargs (preset, p_full). `train=False` gives the center square crop and
+    masks seeded by the sample index, so validation batches are identical across runs.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        size: int = 256,
+        train: bool = True,
+        crop_min: float = 0.5,
+        flip: bool = False,
+        masks: dict | None = None,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        cache_file: str | os.PathLike | None = None,
+        refresh_cache: bool = False,
+    ):
+        root = os.path.abspath(root)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder not found: {root}")
+        files = list_images(root, extensions, cache_file, refresh_cache)
+        if not files:
+            raise ValueError(f"no images ({', '.join(_normalise_extensions(extensions))}) found under {root}")
+        super().__init__(root, files, size, train, crop_min, flip, masks)
+
+
+class ImageNetDataset(ImageFolderDataset):
+    """ImageNet in the standard layout `root/{train,val}/nXXXXXXXX/*.JPEG`; "val" is the fixed-crop split."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        size: int = 256,
+        crop_min: float = 0.5,
+        flip: bool = False,
+        masks: dict | None = None,
+        cache_file: str | os.PathLike | None = None,
+        refresh_cache: bool = False,
+    ):
+        if split not in ("train", "val"):
+            raise ValueError(f"ImageNet split must be 'train' or 'val'; got {split!r}")
+        folder = os.path.join(os.path.abspath(root), split)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"ImageNet {split} folder not found: {folder} (expected {root}/{split}/nXXXXXXXX/*.JPEG; "
+                f"set the dataset's `root` param to the ImageNet folder)"
+            )
+        super().__init__(
+            folder, size, split == "train", crop_min, flip, masks, cache_file=cache_file, refresh_cache=refresh_cache
+        )
+
+
+class FileListDataset(_FileImageDataset):
+    """Images named in a text file, one path per line, relative to `root` (default: the list's folder).
+
+    Blank lines and lines starting with '#' are ignored. Listed files that are missing are skipped
+    and counted at load time, like corrupt ones, rather than stat-ed up front.
+    """
+
+    def __init__(
+        self,
+        file_list: str | os.PathLike,
+        root: str | os.PathLike | None = None,
+        size: int = 256,
+        train: bool = True,
+        crop_min: float = 0.5,
+        flip: bool = False,
+        masks: dict | None = None,
+    ):
+        file_list = os.path.abspath(file_list)
+        if not os.path.isfile(file_list):
+            raise FileNotFoundError(f"file list not found: {file_list}")
+        with open(file_list, encoding="utf-8", errors="surrogateescape") as f:
+            files = [s for s in (line.strip() for line in f) if s and not s.startswith("#")]
+        if not files:
+            raise ValueError(f"file list {file_list} names no images")
+        root = os.path.abspath(root) if root is not None else os.path.dirname(file_list)
+        super().__init__(root, files, size, train, crop_min, flip, masks)
+
+
+class SkimageDataset(_CropMaskDataset):
+    """Crops of the real photographs bundled with scikit-image (no downloads), for demos and smoke runs.
+
+    Train and val use disjoint photos. Each sample is a random crop of a random photo (train) or
+    a crop fixed by the sample index (val). The default crop_min is lower than the paper's 0.5:
+    a dozen photos at small `size` need tighter crops for variety of scale and content.
+    """
+
+    # All bundled in the scikit-image wheel (those fetched with pooch are left out). skimage.data.cat
+    # is the same photo as chelsea, so it must not be added to the train list.
+    TRAIN_PHOTOS = (
+        "astronaut",
+        "coffee",
+        "rocket",
+        "stereo_motorcycle",
+        "immunohistochemistry",
+        "hubble_deep_field",
+        "retina",
+        "coins",
+        "moon",
+        "clock",
+        "brick",
+        "grass",
+        "gravel",
+    )
+    VAL_PHOTOS = ("chelsea", "camera")
+
+    def __init__(
+        self,
+        split: str = "train",
+        size: int = 64,
+        n_crops: int | None = None,
+        crop_min: float = 0.25,
+        flip: bool = False,
+        masks: dict | None = None,
+    ):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val'; got {split!r}")
+        super().__init__(size, split == "train", crop_min, flip, masks)
+        self.split = split
+        self.n_crops = n_crops if n_crops is not None else (2000 if self.train else 64)
+        if self.n_crops < 1:
+            raise ValueError(f"n_crops must be >= 1; got {self.n_crops}")
+        self.photo_names = self.TRAIN_PHOTOS if self.train else self.VAL_PHOTOS
+        self.photos = [self._load_photo(name) for name in self.photo_names]
+
+    @staticmethod
+    def _load_photo(name: str) -> Image.Image:
+        import skimage.data
+
+        array = getattr(skimage.data, name)()
+        if isinstance(array, tuple):  # stereo_motorcycle: (left, right, disparity); the views are near-duplicates
+            array = array[0]
+        im = Image.fromarray(np.asarray(array))
+        return to_rgb(im)
+
+    def __len__(self) -> int:
+        return self.n_crops
+
+    def __getitem__(self, idx: int) -> dict:
+        if not -self.n_crops <= idx < self.n_crops:
+            raise IndexError(f"index {idx} out of range for {self.n_crops} crops")
+        idx %= self.n_crops
+        generator = None if self.train else torch.Generator().manual_seed(idx)
+        photo = self.photos[int(torch.randint(len(self.photos), (), generator=generator))]
+        return self._sample(photo, self._random_crop(generator), self._mask_seed(idx))
