@@ -3,12 +3,9 @@
 The generator objective is LDM's (L1 + LPIPS reconstruction, KL, hinge/vanilla PatchGAN with the
 VQGAN adaptive weight), with three deliberate differences:
 
-* reductions are means (``nll = mean(rec)``), not LDM's ``sum / batch``. Every term that carries a
-  gradient (L1, LPIPS, the adaptive GAN term, which is proportional to the nll) scales by the same
-  constant ``3·H·W``, so under Adam the optimisation is the same; only the logged magnitudes, the
-  relative weight of the (frozen-encoder, hence gradient-free) KL term and the point where the
-  adaptive weight's 1e4 clamp kicks in differ. There is no learned ``logvar`` (LDM's is 0 and
-  stays 0 when, as here, it is not optimised).
+* there is no learned ``logvar`` (LDM's is 0 and stays 0 when, as here, it is not optimised).
+  Reductions are LDM's: ``nll = sum(rec) / batch`` and ``kl = sum(kl) / batch``, so the adaptive
+  weight and its 1e4 clamp act exactly as in the authors' runs.
 * before ``disc_start`` the discriminator is not run at all in the generator step (LDM runs it and
   multiplies the result by 0).
 * the generator step and the discriminator step are separate methods (Lightning 2.x manual
@@ -223,8 +220,8 @@ class AsymLoss(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The decoder's loss: ``nll + kl_weight * KL + d_weight * disc_factor * g``.
 
-        ``nll = mean(pixel_weight * |x - x̂| + perceptual_weight * LPIPS(x, x̂))`` (LPIPS per image,
-        broadcast over pixels). Everything is computed in fp32, also under bf16/fp16 autocast (the
+        ``nll = sum(pixel_weight * |x - x̂| + perceptual_weight * LPIPS(x, x̂)) / batch`` (LPIPS per
+        image, broadcast over pixels, as LDM). Everything is computed in fp32, also under bf16/fp16 autocast (the
         discriminator itself runs under the ambient autocast; its logits are cast to fp32).
 
         The GAN term is only computed when `gan_active(step)`: before `disc_start` the
@@ -251,7 +248,7 @@ class AsymLoss(nn.Module):
                 rec = rec + self.perceptual_weight * p_loss
             else:
                 p_loss = torch.zeros((), device=device)
-            nll = rec.mean()
+            nll = rec.sum() / rec.shape[0]  # LDM: sum over pixels, mean over the batch
 
             if posterior is not None:
                 kl = posterior.kl().float().mean().to(device)

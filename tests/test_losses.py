@@ -87,9 +87,9 @@ def test_l1_term_hand_value_before_disc_start(loss_fn, monkeypatch):
     y[0, 2, 3, 3] = 0.4
     loss, log = loss_fn.generator_loss(x, y, None, step=0, last_layer=None)
     assert set(log) == LOG_KEYS
-    assert loss.item() == pytest.approx(2.5 * 1.6 / 48, rel=1e-6)
+    assert loss.item() == pytest.approx(2.5 * 1.6, rel=1e-6)  # LDM: sum over pixels / batch (1)
     assert log["loss/l1"].item() == pytest.approx(1.6 / 48, rel=1e-6)
-    assert log["loss/nll"].item() == pytest.approx(2.5 * 1.6 / 48, rel=1e-6)
+    assert log["loss/nll"].item() == pytest.approx(2.5 * 1.6, rel=1e-6)
     assert log["loss/lpips"].item() == 0.0
     for k in ("loss/g", "loss/d_weight", "loss/disc_factor", "loss/kl"):
         assert log[k].item() == 0.0
@@ -103,12 +103,13 @@ def test_lpips_term_is_per_image_mean_and_weighted(loss_fn, monkeypatch):
         p = loss_fn.perceptual(x, y).flatten()
     assert p.shape == (2,) and (p > 0).all()
     loss, log = loss_fn.generator_loss(x, y, None, step=0, last_layer=None)
-    assert loss.item() == pytest.approx(0.7 * p.mean().item(), rel=1e-5)
+    per_image = x[0].numel()  # LPIPS is broadcast over every pixel, then summed (LDM)
+    assert loss.item() == pytest.approx(0.7 * p.mean().item() * per_image, rel=1e-5)
     assert log["loss/lpips"].item() == pytest.approx(p.mean().item(), rel=1e-5)
-    # Both terms together: nll = pw * mean|x - y| + perc * mean(lpips).
+    # Both terms together: nll = sum(pw * |x - y| + perc * lpips) / batch.
     monkeypatch.setattr(loss_fn, "pixel_weight", 1.0)
     loss, log = loss_fn.generator_loss(x, y, None, step=0, last_layer=None)
-    expected = (x - y).abs().mean() + 0.7 * p.mean()
+    expected = ((x - y).abs().mean() + 0.7 * p.mean()) * per_image
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -163,17 +164,17 @@ def test_disc_factor_zero_disables_gan(loss_fn, monkeypatch):
 
 def test_adaptive_weight_closed_form(loss_fn, monkeypatch, set_disc):
     # Decoder "last layer" = one scalar a: x_hat = a * z. With L1 only and D(r) = c * r:
-    #   d nll / da = mean(-sign(x - a z) * z),   d g / da = -c * mean(z).
+    #   d nll / da = sum(-sign(x - a z) * z) / B,   d g / da = -c * mean(z).
     monkeypatch.setattr(loss_fn, "perceptual_weight", 0.0)
     monkeypatch.setattr(loss_fn, "disc_weight", 0.8)
-    c = 0.05
+    c = 5.0  # large enough that the ratio stays below the 1e4 clamp with LDM's sum reduction
     set_disc(LinearD(c))
     x, _ = images(5)
     z = torch.rand(x.shape, generator=torch.Generator().manual_seed(6))
     a = torch.tensor(0.7, requires_grad=True)
     y = a * z
     loss, log = loss_fn.generator_loss(x, y, None, step=10, last_layer=a)
-    grad_nll = (-torch.sign(x - 0.7 * z) * z).mean().abs()
+    grad_nll = ((-torch.sign(x - 0.7 * z) * z).sum() / x.shape[0]).abs()
     grad_g = abs(c * z.mean())
     d_weight = (grad_nll / (grad_g + 1e-4)).item() * 0.8
     assert log["loss/d_weight"].item() == pytest.approx(d_weight, rel=1e-4)
@@ -182,7 +183,7 @@ def test_adaptive_weight_closed_form(loss_fn, monkeypatch, set_disc):
     assert loss.item() == pytest.approx(log["loss/nll"].item() + d_weight * g, rel=1e-4)
     # The weight is a constant (detached): the GAN gradient is d_weight * dg/da, nothing more.
     loss.backward()
-    grad_expected = (-torch.sign(x - 0.7 * z) * z).mean() + d_weight * (-c * z.mean())
+    grad_expected = (-torch.sign(x - 0.7 * z) * z).sum() / x.shape[0] + d_weight * (-c * z.mean())
     assert a.grad.item() == pytest.approx(grad_expected.item(), rel=1e-4)
 
 
@@ -194,7 +195,7 @@ def test_adaptive_weight_matches_autograd_on_conv_decoder(loss_fn):
     loss_fn.eval()  # BatchNorm D: same logits in both forward passes below
     try:
         loss, log = loss_fn.generator_loss(x, y, None, step=10, last_layer=conv.weight)
-        nll = (x - y).abs().mean() + loss_fn.perceptual(x, y).mean()
+        nll = ((x - y).abs() + loss_fn.perceptual(x, y)).sum() / x.shape[0]
         g = -loss_fn.discriminator(y).mean()
         gn = torch.autograd.grad(nll, conv.weight, retain_graph=True)[0]
         gg = torch.autograd.grad(g, conv.weight, retain_graph=True)[0]
