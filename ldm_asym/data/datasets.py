@@ -3,6 +3,10 @@
 Every dataset returns `{"image": 3×S×S float32 in [-1, 1], "mask": 1×S×S float32 (1 = hole),
 "n_skipped": int}`. File-backed datasets skip unreadable images (trying the next index) and
 report how many were skipped per sample, so the training loop can sum it across workers.
+
+Items are fetched with an index, or with `(index, seed)` as ldm_asym.train.data.ResumableSampler
+yields them: training crops and masks then depend on that seed alone (not on which worker or
+how far into a resumed run the sample is drawn); without one they use torch's global RNG.
 """
 
 from __future__ import annotations
@@ -122,14 +126,22 @@ class _CropMaskDataset(Dataset):
         self.flip = flip
         self.masks = MaskGenerator(size=self.size, **(masks or {}))
 
+    @staticmethod
+    def _parse_key(key: int | tuple[int, int], n: int) -> tuple[int, torch.Generator | None]:
+        """`idx` or `(idx, seed)` -> (idx in [0, n), generator seeded with `seed` or None)."""
+        idx, seed = key if isinstance(key, tuple) else (key, None)
+        if not -n <= idx < n:
+            raise IndexError(f"index {idx} out of range for {n} samples")
+        return idx % n, None if seed is None else torch.Generator().manual_seed(int(seed))
+
     def _random_crop(self, generator: torch.Generator | None = None) -> Crop:
-        # torch's RNG, so DataLoader worker seeding and seed_everything make crops reproducible.
+        # torch's RNG (global or per-sample), so worker seeding / seed_everything make crops reproducible.
         scale, u, v, f = torch.rand(4, generator=generator).tolist()
         return Crop(self.crop_min + (1.0 - self.crop_min) * scale, u, v, self.flip and f < 0.5)
 
-    def _mask_seed(self, idx: int) -> int:
+    def _mask_seed(self, idx: int, generator: torch.Generator | None = None) -> int:
         # Validation masks are fixed per sample; training ones follow torch's RNG like the crops.
-        return int(torch.randint(2**31, ())) if self.train else idx
+        return int(torch.randint(2**31, (), generator=generator)) if self.train else idx
 
     def _sample(self, im: Image.Image, crop: Crop, mask_seed: int, n_skipped: int = 0) -> dict:
         return {
@@ -161,13 +173,11 @@ class _FileImageDataset(_CropMaskDataset):
         # os.path.join keeps absolute entries as they are.
         return os.path.join(self.root, os.fsdecode(self._files[idx]))
 
-    def __getitem__(self, idx: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
         n = len(self)
-        if not -n <= idx < n:
-            raise IndexError(f"index {idx} out of range for {n} images")
-        idx %= n
-        crop = self._random_crop() if self.train else Crop()
-        seed = self._mask_seed(idx)
+        idx, generator = self._parse_key(key, n)
+        crop = self._random_crop(generator) if self.train else Crop()
+        seed = self._mask_seed(idx, generator)
         # The DCT downscale may shrink the image only as far as the crop still covers `size` px.
         min_side = math.ceil(self.size / crop.scale)
         reason = ""
@@ -203,7 +213,9 @@ def _fingerprint(root: str, extensions: tuple[str, ...]) -> str:
     """
     h = hashlib.sha1(f"{root}\0{','.join(extensions)}\0{os.stat(root).st_mtime_ns}".encode())
     with os.scandir(root) as entries:
-        subdirs = sorted((e.name, e.stat().st_mtime_ns) for e in entries if e.is_dir() and not e.name.startswith("."))
+        subdirs = sorted(
+            (e.name, e.stat().st_mtime_ns) for e in entries if e.is_dir() and not e.name.startswith(".")
+        )
     for name, mtime in subdirs:
         h.update(f"\0{name}\0{mtime}".encode(errors="surrogateescape"))
     return h.hexdigest()
@@ -229,10 +241,11 @@ def _default_caches(root: str) -> list[str]:
 
 def _read_cache(path: str, fingerprint: str) -> list[str] | None:
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        # newline="\n": a "\r" in a file name must not split (or be translated into) a line.
+        with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
             if f.readline().rstrip("\n") != _CACHE_HEADER + fingerprint:
                 return None
-            return f.read().splitlines()
+            return f.read().split("\n")[:-1]
     except OSError:
         return None
 
@@ -243,7 +256,7 @@ def _write_cache(path: str, root: str, extensions: tuple[str, ...], files: list[
     placeholder = _CACHE_HEADER + "0" * 40
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
             f.write(placeholder + "\n")
             f.writelines(name + "\n" for name in files)
         os.replace(tmp, path)
@@ -415,7 +428,7 @@ class SkimageDataset(_CropMaskDataset):
 
     @staticmethod
     def _load_photo(name: str) -> Image.Image:
-        import skimage.data
+        import skimage.data  # imported here: only this demo dataset needs scikit-image
 
         array = getattr(skimage.data, name)()
         if isinstance(array, tuple):  # stereo_motorcycle: (left, right, disparity); the views are near-duplicates
@@ -426,10 +439,9 @@ class SkimageDataset(_CropMaskDataset):
     def __len__(self) -> int:
         return self.n_crops
 
-    def __getitem__(self, idx: int) -> dict:
-        if not -self.n_crops <= idx < self.n_crops:
-            raise IndexError(f"index {idx} out of range for {self.n_crops} crops")
-        idx %= self.n_crops
-        generator = None if self.train else torch.Generator().manual_seed(idx)
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        idx, generator = self._parse_key(key, self.n_crops)
+        if not self.train:  # a fixed crop per index, whatever seed comes with it
+            generator = torch.Generator().manual_seed(idx)
         photo = self.photos[int(torch.randint(len(self.photos), (), generator=generator))]
-        return self._sample(photo, self._random_crop(generator), self._mask_seed(idx))
+        return self._sample(photo, self._random_crop(generator), self._mask_seed(idx, generator))

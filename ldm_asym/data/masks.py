@@ -196,7 +196,7 @@ def load_mask(path: str | os.PathLike, size: int | tuple[int, int] | None = None
         with Image.open(path) as im:
             im.load()
             if im.mode in _SIXTEEN_BIT:
-                values = np.minimum(np.asarray(im, dtype=np.float64), 255) / 255.0
+                values = np.asarray(im, dtype=np.float64) / 65535.0
             elif im.mode in _ALPHA or "transparency" in im.info:
                 black = Image.new("RGBA", im.size, (0, 0, 0, 255))
                 values = np.asarray(Image.alpha_composite(black, im.convert("RGBA")).convert("L")) / 255.0
