@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # Where a full SD / Lightning checkpoint keeps its VAE, in order of preference ("" = a bare VAE).
 VAE_PREFIXES = ("first_stage_model.", "vae.", "model.", "autoencoder.", "")
 # Tensors that belong to training, not to the autoencoder (authors' dead `up_layers` included).
-DROPPED = re.compile(r"^(loss\.|discriminator\.|decoder\.up_layers\.|ema\.)")
+DROPPED = re.compile(r"^(loss\.|discriminator\.|decoder\.up_layers\.)")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # Our training checkpoints carry this key: the model config and, optionally, EMA weights.
@@ -66,10 +66,9 @@ def split_checkpoint(obj: Mapping[str, Any], use_ema: bool = False) -> tuple[dic
     sd = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
     if not isinstance(sd, Mapping) or not any(torch.is_tensor(v) for v in sd.values()):
         raise ValueError("checkpoint holds no tensors (not a model checkpoint)")
-    if use_ema:
-        ema = meta.get("ema_decoder")
-        if ema is None:
-            raise ValueError("use_ema=True, but this checkpoint holds no EMA weights")
+    ema = {k[len("ema_decoder."):]: v for k, v in sd.items() if k.startswith("ema_decoder.")}
+    if use_ema and not ema:
+        raise ValueError("use_ema=True, but this checkpoint holds no EMA weights (train with ema_decay)")
     prefix = next(
         (p for p in VAE_PREFIXES if any(k.startswith((p + "encoder.", p + "decoder.")) for k in sd)), None
     )
@@ -81,7 +80,7 @@ def split_checkpoint(obj: Mapping[str, Any], use_ema: bool = False) -> tuple[dic
     out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and torch.is_tensor(v)}
     out = {k: v for k, v in out.items() if not DROPPED.match(k)}
     if use_ema:
-        out.update({"decoder." + k: v for k, v in meta["ema_decoder"].items()})
+        out.update({"decoder." + k: v for k, v in ema.items()})
     return out, meta
 
 

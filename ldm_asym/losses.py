@@ -102,6 +102,11 @@ def _fp32(device: torch.device):
         yield
 
 
+def _drop_perceptual(module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if k.startswith(prefix + "perceptual.")]:
+        del state_dict[key]
+
+
 class AsymLoss(nn.Module):
     """L1 + LPIPS + KL + PatchGAN loss for training the asymmetric decoder (paper defaults).
 
@@ -162,6 +167,15 @@ class AsymLoss(nn.Module):
             n_layers=disc_num_layers,
             use_actnorm=use_actnorm or disc_norm == "actnorm",
         ).apply(weights_init)
+        # LPIPS is a fixed, published network: keep its 14.7M weights out of every checkpoint
+        # (they come from the lpips package and torchvision's cache) and accept checkpoints
+        # with or without them.
+        self._register_state_dict_hook(_drop_perceptual)
+        self._register_load_state_dict_pre_hook(self._fill_perceptual)
+
+    def _fill_perceptual(self, state_dict, prefix, *args) -> None:
+        for key, value in self.perceptual.state_dict().items():
+            state_dict.setdefault(f"{prefix}perceptual.{key}", value)
 
     # ------------------------------------------------------------------ mode handling
     def train(self, mode: bool = True) -> "AsymLoss":

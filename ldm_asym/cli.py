@@ -1,0 +1,292 @@
+"""latent-diffusion's `main.py` contract on Lightning 2.x.
+
+    python main.py --base configs/asym_base.yaml -t --gpus 0,1,2,3
+    python main.py --base configs/asym_base.yaml configs/ablations/blend_concat.yaml -t --gpus 0,
+    python main.py -r logs/2026-11-22T10-00-00_asym_base          # resume the exact training state
+    python main.py --base configs/tiny.yaml -t lightning.trainer.max_steps=100   # dotlist overrides
+
+Configs are merged in order, then the dotlist overrides. Runs live in
+`<logdir>/<time>_<name>/{checkpoints,configs,images}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import inspect
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+TOP_LEVEL = {"model", "data", "lightning", "paths"}
+LIGHTNING_KEYS = {"trainer", "logger", "callbacks"}
+CALLBACK_KEYS = {"checkpoint", "images"}
+RUN_DIR_ENV = "LDM_ASYM_RUN_DIR"  # DDP children re-run this script; they must reuse rank 0's folder
+
+
+def str2bool(v: str) -> bool:
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean expected, got {v!r}")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any further `key.sub=value` argument overrides the merged config (OmegaConf dotlist).",
+    )
+    p.add_argument("-b", "--base", nargs="*", metavar="base_config.yaml", default=[],
+                   help="configs, merged left to right")
+    p.add_argument("-t", "--train", action="store_true", help="train (without -t the run is only set up and validated)")
+    p.add_argument("-r", "--resume", default="", help="resume from a run folder or a checkpoint inside it")
+    p.add_argument("-n", "--name", default="", help="run name (default: the last --base config's name)")
+    p.add_argument("-s", "--seed", type=int, default=23, help="seed for Lightning, the sampler and the noise")
+    p.add_argument("-l", "--logdir", default="logs", help="folder that holds the run folders")
+    p.add_argument("--gpus", default=None, help="GPU ids, e.g. '0,1,2,3' or '0,' (DDP when more than one)")
+    p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=None,
+                   help="lr = base_learning_rate x world size x batch x accumulation (default: config, true)")
+    return p
+
+
+def parse_gpus(gpus: str | None) -> dict:
+    """'0,1,' -> accelerator gpu, devices [0, 1]; None -> {} (the config decides)."""
+    if gpus is None:
+        return {}
+    ids = [s.strip() for s in str(gpus).split(",") if s.strip()]
+    if not ids:
+        raise ValueError(f"--gpus {gpus!r} names no GPU (use e.g. '0,' or '0,1,2,3')")
+    try:
+        devices = [int(i) for i in ids]
+    except ValueError:
+        raise ValueError(f"--gpus takes comma-separated integer ids; got {gpus!r}") from None
+    return {"accelerator": "gpu", "devices": devices}
+
+
+# ---------------------------------------------------------------------- config checks
+def _signature_keys(target: str):
+    from ldm_asym.util import get_obj_from_str
+
+    obj = get_obj_from_str(target)
+    sig = inspect.signature(obj.__init__ if inspect.isclass(obj) else obj)
+    if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+        return None  # accepts anything
+    return {n for n in sig.parameters if n != "self"}
+
+
+def check_config(cfg: Any, where: str = "") -> list[str]:
+    """Unknown keys and unimportable targets anywhere in `{target, params}` nodes (typos)."""
+    problems = []
+    if isinstance(cfg, DictConfig):
+        if "target" in cfg or "params" in cfg:
+            if "target" not in cfg:
+                return [f"{where or 'config'}: has params but no 'target'"]
+            extra = set(cfg.keys()) - {"target", "params"}
+            if extra:
+                problems.append(f"{where}: unknown keys {sorted(extra)} next to target/params")
+            try:
+                valid = _signature_keys(cfg.target)
+            except ValueError as e:
+                return problems + [f"{where}.target: {e}"]
+            params = cfg.get("params") or {}
+            if valid is not None:
+                for key in params:
+                    if key not in valid:
+                        problems.append(f"{where}.params.{key}: unknown parameter of {cfg.target} "
+                                        f"(valid: {', '.join(sorted(valid))})")
+            for key in params:
+                problems += check_config(params[key], f"{where}.params.{key}")
+        else:
+            for key in cfg:
+                problems += check_config(cfg[key], f"{where}.{key}".lstrip("."))
+    elif isinstance(cfg, ListConfig):
+        for i, item in enumerate(cfg):
+            problems += check_config(item, f"{where}[{i}]")
+    return problems
+
+
+def validate(config: DictConfig) -> None:
+    import pytorch_lightning as pl
+
+    problems = [f"unknown top-level key {k!r} (valid: {', '.join(sorted(TOP_LEVEL))})"
+                for k in config if k not in TOP_LEVEL]
+    for key in ("model", "data"):
+        if key not in config:
+            problems.append(f"config has no '{key}' section")
+    light = config.get("lightning", {})
+    problems += [f"lightning.{k}: unknown key (valid: {', '.join(sorted(LIGHTNING_KEYS))})"
+                 for k in light if k not in LIGHTNING_KEYS]
+    trainer_keys = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+    problems += [f"lightning.trainer.{k}: not a Trainer argument" for k in light.get("trainer", {}) if k not in trainer_keys]
+    problems += [f"lightning.callbacks.{k}: unknown (valid: {', '.join(sorted(CALLBACK_KEYS))})"
+                 for k in light.get("callbacks", {}) if k not in CALLBACK_KEYS]
+    for key in ("model", "data"):
+        if key in config:
+            problems += check_config(config[key], key)
+    if "logger" in light:
+        problems += check_config(light.logger, "lightning.logger")
+    if problems:
+        raise ValueError("config problems:\n  " + "\n  ".join(problems))
+
+
+def load_config(path: str | os.PathLike) -> DictConfig:
+    """A YAML config; `inherit: other.yaml` (relative to this file) is merged underneath it first,
+    so variants state only what differs from the recipe (one place for each fact)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config not found: {path}")
+    cfg = OmegaConf.load(path)
+    parent = cfg.pop("inherit", None)
+    return OmegaConf.merge(load_config(path.parent / parent), cfg) if parent else cfg
+
+
+def check_paths(config: DictConfig) -> None:
+    """Missing SD VAE / data folders fail here, before any weights are loaded or files scanned."""
+    from ldm_asym.interop import HUB_ID
+
+    src = OmegaConf.select(config, "model.params.vae_source")
+    if src is not None and not Path(src).exists() and not HUB_ID.match(str(src)):
+        raise FileNotFoundError(
+            f"SD VAE not found: {src}. Point model.params.vae_source (or paths.sd_vae) at a diffusers VAE "
+            f"folder, an SD checkpoint, or a Hub id such as stabilityai/sd-vae-ft-mse")
+    for split in ("train", "validation"):
+        root = OmegaConf.select(config, f"data.params.{split}.params.root")
+        if root is not None and not Path(root).is_dir():
+            raise FileNotFoundError(
+                f"{split} data folder not found: {root}. Set data.params.{split}.params.root "
+                f"(or paths.imagenet for the ImageNet configs)")
+
+
+# ---------------------------------------------------------------------- run folder
+def resolve_resume(resume: str) -> tuple[Path, Path]:
+    path = Path(resume)
+    if not path.exists():
+        raise FileNotFoundError(f"cannot resume: {resume} does not exist")
+    if path.is_file():  # <run>/checkpoints/<file>.ckpt
+        logdir, ckpt = path.parent.parent, path
+    else:
+        logdir, ckpt = path, path / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"cannot resume: no checkpoint at {ckpt}")
+    return logdir, ckpt
+
+
+def build_trainer(config: DictConfig, opt, logdir: Path, now: str, resume_ckpt: Path | None):
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from ldm_asym.train.callbacks import EmergencyCheckpoint, ImageLogger, RunSetup
+    from ldm_asym.util import instantiate_from_config
+
+    light = config.get("lightning", OmegaConf.create())
+    trainer_kwargs = OmegaConf.to_container(light.get("trainer", OmegaConf.create()), resolve=True)
+    trainer_kwargs.update(parse_gpus(opt.gpus))
+    devices = trainer_kwargs.get("devices", 1)
+    n_devices = len(devices) if isinstance(devices, (list, tuple)) else int(devices) if str(devices).isdigit() else 1
+    if (n_devices > 1 or trainer_kwargs.get("num_nodes", 1) > 1) and "strategy" not in trainer_kwargs:
+        # The discriminator takes no part in the generator's backward before the GAN starts.
+        trainer_kwargs["strategy"] = "ddp_find_unused_parameters_true"
+    # The sampler shards by rank itself (and must stay resumable): Lightning must not replace it.
+    trainer_kwargs.setdefault("use_distributed_sampler", False)
+
+    callbacks_cfg = light.get("callbacks", OmegaConf.create())
+    ckpt_cfg = callbacks_cfg.get("checkpoint", {})
+    img_cfg = callbacks_cfg.get("images", {})
+    ckpt_dir = logdir / "checkpoints"
+    callbacks = [
+        RunSetup(str(logdir), now, OmegaConf.masked_copy(config, [k for k in config if k != "lightning"]),
+                 light),
+        ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:06d}", auto_insert_metric_name=False,
+                        every_n_train_steps=ckpt_cfg.get("every_n_steps", 5000), save_top_k=-1, save_last=True,
+                        save_on_train_epoch_end=True, enable_version_counter=False),
+        ImageLogger(logdir / "images", every_n_steps=img_cfg.get("every_n_steps", 1000),
+                    max_images=img_cfg.get("max_images", 4)),
+        EmergencyCheckpoint(ckpt_dir),
+    ]
+    logger = False
+    if light.get("logger"):
+        name = logdir.name
+        defaults = {"save_dir": str(logdir)}
+        target = light.logger.target
+        if target.endswith("WandbLogger"):
+            defaults.update(name=name, id=name.replace(":", "-"), project="ldm-asym")
+        elif target.endswith(("CSVLogger", "TensorBoardLogger")):
+            defaults.update(name="", version="")
+        logger = instantiate_from_config(light.logger, **defaults)
+    return pl.Trainer(default_root_dir=str(logdir), logger=logger, callbacks=callbacks, **trainer_kwargs)
+
+
+def _quiet() -> None:
+    """Silence Lightning warnings that are expected here (they are about choices made on purpose)."""
+    import warnings
+
+    for msg in (".*pre-optimization state.*", ".*module\\(s\\) in eval mode.*", ".*LeafSpec.*",
+                ".*does not have many workers.*"):
+        warnings.filterwarnings("ignore", message=msg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import pytorch_lightning as pl
+
+    _quiet()
+    from ldm_asym.util import instantiate_from_config
+
+    parser = get_parser()
+    opt, unknown = parser.parse_known_args(argv)
+    bad = [u for u in unknown if "=" not in u or u.startswith("-")]
+    if bad:
+        parser.error(f"unrecognised arguments {bad} (overrides look like key.sub=value)")
+    if opt.name and opt.resume:
+        parser.error("-n/--name cannot be given with -r/--resume (the run keeps its folder and name)")
+
+    resume_ckpt = None
+    base = list(opt.base)
+    if opt.resume:
+        logdir, resume_ckpt = resolve_resume(opt.resume)
+        # The run's own saved configs first, then anything given now (e.g. a longer max_steps).
+        base = sorted(glob.glob(str(logdir / "configs" / "*.yaml"))) + base
+        now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    else:
+        if not base:
+            parser.error("give at least one --base config (or -r to resume)")
+        name = opt.name or Path(base[-1]).stem
+        child = int(os.environ.get("LOCAL_RANK", 0)) > 0  # a DDP process started by rank 0
+        if child and os.environ.get(RUN_DIR_ENV):
+            logdir = Path(os.environ[RUN_DIR_ENV])
+            now = logdir.name.split("_", 1)[0]
+        else:
+            now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+            logdir = Path(opt.logdir) / f"{now}_{name}"
+    os.environ[RUN_DIR_ENV] = str(logdir)
+
+    config = OmegaConf.merge(*[load_config(b) for b in base], OmegaConf.from_dotlist(unknown))
+    if opt.scale_lr is not None:
+        config.model.params.scale_lr = opt.scale_lr
+    config.data.params.seed = opt.seed
+    validate(config)
+    OmegaConf.resolve(config)
+    if not opt.resume:
+        check_paths(config)
+
+    pl.seed_everything(opt.seed, workers=True)
+    data = instantiate_from_config(config.data)
+    data.build()  # missing or empty data fails here, before the VAE is loaded
+    model_cfg = config.model.copy()
+    if opt.resume:
+        model_cfg.params.vae_source = None  # every weight comes from the checkpoint
+    model = instantiate_from_config(OmegaConf.to_container(model_cfg))
+    trainer = build_trainer(config, opt, logdir, now, resume_ckpt)
+    if not opt.train:
+        print(f"config OK; run folder would be {logdir} (add -t to train)")
+        return 0
+    trainer.fit(model, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

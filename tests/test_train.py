@@ -1,0 +1,182 @@
+"""Training: the loop trains, resumes exactly, counts batches, runs DDP; the CLI and configs."""
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ldm_asym.cli import load_config, main, parse_gpus, validate
+from ldm_asym.train.module import AsymmetricVQGAN, lr_factor
+
+TINY = "configs/tiny.yaml"
+QUIET = ["lightning.trainer.enable_progress_bar=false", "lightning.trainer.log_every_n_steps=1"]
+
+
+def run(tmp_path, *args, base=TINY):
+    assert main(["--base", base, "-t", "-l", str(tmp_path), *QUIET, *args]) == 0
+    return sorted(p for p in tmp_path.iterdir() if p.is_dir())[-1]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return list(csv.DictReader(open(run_dir / "metrics.csv")))
+
+
+def series(rows, key):
+    return {int(r["step"]): float(r[key]) for r in rows if r.get(key)}
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.mark.parametrize("blend", ["add", "concat"])
+def test_tiny_trains_and_loss_falls(tmp_path, blend):
+    run_dir = run(tmp_path, "lightning.trainer.max_steps=30", "lightning.trainer.limit_val_batches=0",
+                  "model.params.loss.params.disc_start=1000",
+                  f"model.params.autoencoder.decoder.params.blend={blend}")
+    l1 = list(series(metrics(run_dir), "loss/l1").values())
+    assert len(l1) == 30
+    assert sum(l1[-5:]) / 5 < 0.8 * sum(l1[:5]) / 5, l1
+    for sub in ("checkpoints/last.ckpt", "configs", "images/train"):
+        assert (run_dir / sub).exists(), sub
+    assert len(list((run_dir / "configs").glob("*-project.yaml"))) == 1
+    assert len(list((run_dir / "configs").glob("*-lightning.yaml"))) == 1
+    ckpt = load(run_dir / "checkpoints" / "last.ckpt")
+    assert ckpt["ldm_asym"]["model_config"]["decoder"]["blend"] == blend
+    assert not any(k.startswith("loss.perceptual.") for k in ckpt["state_dict"])  # LPIPS is not saved
+
+
+def test_resume_mid_epoch_is_exact(tmp_path):
+    """20 steps straight == 10 steps, stop, -r, 10 more: same weights, optimiser, counters, GAN start."""
+    straight = run(tmp_path / "a")  # tiny: 20 steps, checkpoint every 10, GAN from step 11
+    # An interrupted run: the same configs with only the step-10 checkpoint as last.ckpt.
+    cut = tmp_path / "b" / "cut_tiny"
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "configs", cut / "configs")
+    shutil.copy(straight / "checkpoints" / "step-000010.ckpt", cut / "checkpoints" / "last.ckpt")
+    assert main(["-r", str(cut), "-t", *QUIET]) == 0
+
+    a, b = load(straight / "checkpoints" / "last.ckpt"), load(cut / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 20
+    assert a["ldm_asym"]["batches_seen"] == b["ldm_asym"]["batches_seen"] == 20
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    for oa, ob in zip(a["optimizer_states"], b["optimizer_states"]):
+        for i, st in oa["state"].items():
+            assert all(torch.equal(st[n], ob["state"][i][n]) for n in st)
+    # The GAN starts at step 11 in both runs (the resumed one logged steps 10..19).
+    for rows in (metrics(straight), metrics(cut)):
+        factor = series(rows, "loss/disc_factor")
+        assert factor.get(10, 0.0) == 0.0 and factor[11] == 1.0 and factor[19] == 1.0
+
+
+def test_steps_count_batches_not_optimizer_steps(tmp_path):
+    run_dir = run(tmp_path, "lightning.trainer.max_steps=12", "model.params.loss.params.disc_start=4",
+                  "lightning.trainer.limit_val_batches=0", "lightning.callbacks.checkpoint.every_n_steps=6")
+    ckpt = load(run_dir / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 12 and ckpt["ldm_asym"]["batches_seen"] == 12
+    # D stepped on batches 4..11 (8 updates), G on all 12; Adam counts them per parameter.
+    g_state, d_state = (next(iter(o["state"].values())) for o in ckpt["optimizer_states"])
+    assert int(g_state["step"]) == 12 and int(d_state["step"]) == 8
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-000006.ckpt", "step-000012.ckpt"]
+    assert series(metrics(run_dir), "loss/disc_factor")[3] == 0.0
+    assert series(metrics(run_dir), "loss/disc_factor")[4] == 1.0
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("LDM_ASYM_RUN_DIR", None)
+    cmd = [sys.executable, "main.py", "--base", TINY, "-t", "-l", str(tmp_path), *QUIET,
+           "lightning.trainer.devices=2", "lightning.trainer.accelerator=cpu", "lightning.trainer.max_steps=4",
+           "lightning.trainer.limit_val_batches=0", "lightning.callbacks.checkpoint.every_n_steps=100",
+           "model.params.scale_lr=true", "model.params.base_learning_rate=1e-5"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs  # both ranks wrote into rank 0's run folder
+    ckpt = load(runs[0] / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 4
+    assert "lr = 2 (world) x 4 (batch)" in out.stdout + out.stderr  # both processes count in the lr
+
+
+def test_parse_gpus():
+    assert parse_gpus("0,1,") == {"accelerator": "gpu", "devices": [0, 1]}
+    assert parse_gpus("3,") == {"accelerator": "gpu", "devices": [3]}
+    assert parse_gpus("0,1,2,3") == {"accelerator": "gpu", "devices": [0, 1, 2, 3]}
+    assert parse_gpus(None) == {}
+    for bad in (",", "a,b"):
+        with pytest.raises(ValueError):
+            parse_gpus(bad)
+
+
+def test_config_merging_inherit_and_dotlist():
+    cfg = OmegaConf.merge(load_config("configs/asym_large_2x.yaml"), load_config("configs/ablations/blend_concat.yaml"),
+                          OmegaConf.from_dotlist(["lightning.trainer.max_steps=100", "paths.imagenet=/x"]))
+    dec = cfg.model.params.autoencoder.decoder.params
+    assert list(dec.up_widths) == [1024, 1024, 512, 256] and dec.resnets_per_level == 6 and dec.blend == "concat"
+    assert cfg.data.params.batch_size == 2 and cfg.model.params.base_learning_rate == 4.5e-6  # from the base
+    assert cfg.lightning.trainer.max_steps == 100 and cfg.data.params.train.params.root == "/x"
+    validate(cfg)
+
+
+def test_presets_build_the_paper_decoders():
+    from ldm_asym.models import AsymmetricDecoder
+
+    for name, expected in (("asym_base", 60_276_227), ("asym_large_1.5x", 160_136_835), ("asym_large_2x", 371_966_467)):
+        params = OmegaConf.to_container(load_config(f"configs/{name}.yaml").model.params.autoencoder.decoder.params)
+        with torch.device("meta"):
+            dec = AsymmetricDecoder(**params)
+        assert sum(p.numel() for p in dec.parameters()) == expected, name
+
+
+@pytest.mark.parametrize("override,match", [
+    ("model.params.autoencoder.decoder.params.blnd=add", "blnd"),
+    ("model.params.lerning_rate=1", "lerning_rate"),
+    ("lightning.trainer.max_stepz=3", "max_stepz"),
+    ("modle.params.x=1", "modle"),
+    ("data.params.train.target=ldm_asym.data.NoSuchDataset", "NoSuchDataset"),
+])
+def test_unknown_config_keys_are_reported(tmp_path, override, match):
+    with pytest.raises(ValueError, match=match):
+        main(["--base", TINY, "-t", "-l", str(tmp_path), override])
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_missing_paths_fail_before_work(tmp_path):
+    with pytest.raises(FileNotFoundError, match="SD VAE not found"):
+        main(["--base", "configs/asym_base.yaml", "-t", "-l", str(tmp_path), "paths.sd_vae=/nonexistent/vae"])
+    with pytest.raises(FileNotFoundError, match="train data folder not found: /nonexistent/imagenet"):
+        main(["--base", "configs/asym_base.yaml", "-t", "-l", str(tmp_path), "paths.imagenet=/nonexistent/imagenet"])
+
+
+def test_missing_vgg_weights_stop_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
+        main(["--base", TINY, "-t", "-l", str(tmp_path / "logs"), "model.params.loss.params.lpips_pretrained=true"])
+
+
+def test_lr_formula_and_schedule():
+    cfg = OmegaConf.to_container(load_config(TINY).model.params, resolve=True)
+    cfg.update(base_learning_rate=1e-5, scale_lr=True, accumulate_grad_batches=3, pretrained_lr_scale=0.1)
+    module = AsymmetricVQGAN(**cfg)
+    module.pretrained_names = ["conv_in.weight"]
+    module._trainer = SimpleNamespace(world_size=8, datamodule=SimpleNamespace(batch_size=10), max_steps=100)
+    opt_g, _ = module.configure_optimizers()
+    assert module.lr == pytest.approx(8 * 10 * 3 * 1e-5)
+    scales = {g["name"]: g["lr_scale"] for g in opt_g.param_groups}
+    assert scales == {"new": 1.0, "pretrained": 0.1}
+    # warm-up x0.01 -> x1, then cosine to the floor
+    assert lr_factor(0, 10, 100, 0.01, 0.0) == pytest.approx(0.01)
+    assert lr_factor(10, 10, 100, 0.01, 0.0) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, 0.01, 0.0) == pytest.approx(0.5)
+    assert lr_factor(100, 10, 100, 0.01, 0.1) == pytest.approx(0.1)
+    module.hparams.scale_lr = False
+    module.configure_optimizers()
+    assert module.lr == pytest.approx(1e-5)
