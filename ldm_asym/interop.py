@@ -224,7 +224,7 @@ def _resolve(source: str | os.PathLike) -> tuple[dict, dict | None, dict]:
     path = Path(source)
     if path.is_dir():
         if (path / "checkpoints" / "last.ckpt").is_file():  # a training run folder
-            return _resolve(path / "checkpoints" / "last.ckpt")
+            return load_weights(path / "checkpoints" / "last.ckpt")
         if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
             return _resolve(path / "vae")  # a diffusers pipeline root
         cfg_file = path / "config.json"

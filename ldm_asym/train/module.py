@@ -47,6 +47,10 @@ class AsymmetricVQGAN(pl.LightningModule):
             cosine to `min_lr` (absolute) at the end of training.
         accumulate_grad_batches, gradient_clip_val: under manual optimisation these live here.
         ema_decay: keep an EMA of the decoder (null = off); `validate_with_ema` uses it for validation.
+        train_encoder: stage 1 (a whole KL autoencoder, LDM's first stage): encoder and quant convs
+            train too. With `blend: none` this trains the frozen encoder that stage 2 then uses.
+        channels_last, compile: speed switches (NHWC tensors; `torch.compile` of decoder and
+            discriminator in place, so checkpoint keys do not change).
     """
 
     def __init__(
@@ -66,6 +70,9 @@ class AsymmetricVQGAN(pl.LightningModule):
         gradient_clip_val: float | None = None,
         ema_decay: float | None = None,
         validate_with_ema: bool = True,
+        train_encoder: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
         trust_pickle: bool = False,
     ):
         super().__init__()
@@ -73,7 +80,7 @@ class AsymmetricVQGAN(pl.LightningModule):
         self.automatic_optimization = False
         if accumulate_grad_batches < 1:
             raise ValueError(f"accumulate_grad_batches must be >= 1; got {accumulate_grad_batches}")
-        self.model = AsymmetricAutoencoder(**autoencoder)
+        self.model = AsymmetricAutoencoder(**autoencoder, freeze_encoder=not train_encoder)
         self.loss = instantiate_from_config(loss or {"target": "ldm_asym.losses.AsymLoss"})
         # Names of decoder params that start from the SD decoder (trained at lr x pretrained_lr_scale).
         self.pretrained_names: list[str] = []
@@ -110,7 +117,9 @@ class AsymmetricVQGAN(pl.LightningModule):
             rank_zero_info(f"lr = {lr:.2e} (not scaled)")
         self.lr = lr
         pretrained = set(self.pretrained_names)
-        named = list(self.model.decoder.named_parameters())
+        trained = self.model if hp.train_encoder else self.model.decoder
+        prefix = "decoder." if hp.train_encoder else ""  # pretrained names are relative to the decoder
+        named = [(n[len(prefix):] if n.startswith(prefix) else "/" + n, p) for n, p in trained.named_parameters()]
         groups = [
             {"params": [p for n, p in named if n not in pretrained], "lr_scale": 1.0, "name": "new"},
             {"params": [p for n, p in named if n in pretrained], "lr_scale": hp.pretrained_lr_scale,
@@ -140,6 +149,13 @@ class AsymmetricVQGAN(pl.LightningModule):
             group["lr"] = lr * group.get("lr_scale", 1.0)
 
     # ------------------------------------------------------------------ training
+    def setup(self, stage: str) -> None:
+        if self.hparams.channels_last:
+            self.to(memory_format=torch.channels_last)
+        if self.hparams.compile:
+            self.model.decoder.compile()
+            self.loss.discriminator.compile()
+
     def _noise_generator(self, step: int) -> torch.Generator:
         # Posterior noise from (seed, step, rank): identical after a resume, no global RNG involved.
         seed = getattr(self.trainer.datamodule, "seed", 0) if self.trainer.datamodule else 0
@@ -151,9 +167,11 @@ class AsymmetricVQGAN(pl.LightningModule):
         hp = self.hparams
         opt_g, opt_d = self.optimizers()
         x, mask = batch["image"], batch["mask"]
+        if hp.channels_last:
+            x, mask = x.contiguous(memory_format=torch.channels_last), mask.contiguous(memory_format=torch.channels_last)
         step = self.global_step  # completed generator updates = batches so far (accumulation 1)
         micro = self._micro_batches
-        with torch.no_grad():
+        with torch.set_grad_enabled(hp.train_encoder):
             posterior = self.model.encode(x)
             z = posterior.sample(generator=self._noise_generator(self._batches_seen))
         rec = self.model.decode(z, image=x, mask=mask, check_inputs=False)
