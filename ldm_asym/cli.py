@@ -17,13 +17,15 @@ import glob
 import inspect
 import os
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 TOP_LEVEL = {"model", "data", "lightning", "paths"}
-LIGHTNING_KEYS = {"trainer", "logger", "callbacks"}
+LIGHTNING_KEYS = {"trainer", "logger", "callbacks", "ddp_timeout_s"}
 CALLBACK_KEYS = {"checkpoint", "images"}
 RUN_DIR_ENV = "LDM_ASYM_RUN_DIR"  # DDP children re-run this script; they must reuse rank 0's folder
 
@@ -69,14 +71,40 @@ def parse_gpus(gpus: str | None) -> dict:
 
 
 # ---------------------------------------------------------------------- config checks
-def _signature_keys(target: str):
+def _signature(target: str) -> tuple[set[str] | None, dict]:
+    """(accepted keyword names or None for **kwargs, resolved type hints) of a target."""
     from ldm_asym.util import get_obj_from_str
 
     obj = get_obj_from_str(target)
-    sig = inspect.signature(obj.__init__ if inspect.isclass(obj) else obj)
+    fn = obj.__init__ if inspect.isclass(obj) else obj
+    sig = inspect.signature(fn)
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # unresolvable annotations in third-party code: check names only
+        hints = {}
     if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
-        return None  # accepts anything
-    return {n for n in sig.parameters if n != "self"}
+        return None, hints
+    return {n for n in sig.parameters if n != "self"}, hints
+
+
+def _type_problem(hint: Any, value: Any) -> str | None:
+    """Why `value` does not fit a simple annotation (bool/int/float/str/Literal/Optional), or None."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return None if value in args else f"must be one of {', '.join(map(str, args))}; got {value!r}"
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        problems = [_type_problem(a, value) for a in args if a is not type(None)]
+        return None if any(p is None for p in problems) else problems[0]
+    checks = {bool: (lambda v: isinstance(v, bool), "true or false"),
+              int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+              float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+              str: (lambda v: isinstance(v, str), "a string")}
+    if hint in checks and value is not None:
+        ok, what = checks[hint]
+        return None if ok(value) else f"must be {what}; got {value!r}"
+    return None
 
 
 def check_config(cfg: Any, where: str = "") -> list[str]:
@@ -90,15 +118,20 @@ def check_config(cfg: Any, where: str = "") -> list[str]:
             if extra:
                 problems.append(f"{where}: unknown keys {sorted(extra)} next to target/params")
             try:
-                valid = _signature_keys(cfg.target)
+                valid, hints = _signature(cfg.target)
             except ValueError as e:
                 return problems + [f"{where}.target: {e}"]
             params = cfg.get("params") or {}
-            if valid is not None:
-                for key in params:
-                    if key not in valid:
-                        problems.append(f"{where}.params.{key}: unknown parameter of {cfg.target} "
-                                        f"(valid: {', '.join(sorted(valid))})")
+            for key in params:
+                if valid is not None and key not in valid:
+                    problems.append(f"{where}.params.{key}: unknown parameter of {cfg.target} "
+                                    f"(valid: {', '.join(sorted(valid))})")
+                elif key in hints and not OmegaConf.is_interpolation(params, key):
+                    value = params[key]
+                    if not isinstance(value, (DictConfig, ListConfig)):
+                        why = _type_problem(hints[key], value)
+                        if why:
+                            problems.append(f"{where}.params.{key}: {why}")
             for key in params:
                 problems += check_config(params[key], f"{where}.params.{key}")
         else:
@@ -181,6 +214,7 @@ def build_trainer(config: DictConfig, opt, logdir: Path, now: str, resume_ckpt: 
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from ldm_asym.train.callbacks import EmergencyCheckpoint, ImageLogger, RunSetup
+    from ldm_asym.train.checkpoint_io import AtomicCheckpointIO
     from ldm_asym.util import instantiate_from_config
 
     light = config.get("lightning", OmegaConf.create())
@@ -189,8 +223,15 @@ def build_trainer(config: DictConfig, opt, logdir: Path, now: str, resume_ckpt: 
     devices = trainer_kwargs.get("devices", 1)
     n_devices = len(devices) if isinstance(devices, (list, tuple)) else int(devices) if str(devices).isdigit() else 1
     if (n_devices > 1 or trainer_kwargs.get("num_nodes", 1) > 1) and "strategy" not in trainer_kwargs:
-        # The discriminator takes no part in the generator's backward before the GAN starts.
-        trainer_kwargs["strategy"] = "ddp_find_unused_parameters_true"
+        from pytorch_lightning.strategies import DDPStrategy
+
+        # find_unused_parameters: the discriminator takes no part in the generator's backward.
+        # A bounded timeout: if a rank dies, the others fail in their next collective instead of
+        # hanging for torch's default 30 minutes.
+        trainer_kwargs["strategy"] = DDPStrategy(
+            find_unused_parameters=True, timeout=datetime.timedelta(seconds=light.get("ddp_timeout_s", 900)))
+    # Checkpoint files are written to a temporary name and renamed: a kill never corrupts last.ckpt.
+    trainer_kwargs.setdefault("plugins", [AtomicCheckpointIO()])
     # The sampler shards by rank itself (and must stay resumable): Lightning must not replace it.
     trainer_kwargs.setdefault("use_distributed_sampler", False)
 
@@ -221,6 +262,46 @@ def build_trainer(config: DictConfig, opt, logdir: Path, now: str, resume_ckpt: 
     return pl.Trainer(default_root_dir=str(logdir), logger=logger, callbacks=callbacks, **trainer_kwargs)
 
 
+def _exit_with_parent() -> None:
+    """In a DDP process started by rank 0: exit when rank 0 dies (Lightning kills children that
+    outlive a failed sibling, but nothing ends them when the launching process itself is killed)."""
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(2)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-rank0").start()
+
+
+def check_writable(logdir: Path, need_bytes: int) -> None:
+    """Fail before training when the run folder cannot be written or the disk is too full."""
+    import shutil
+
+    try:
+        logdir.mkdir(parents=True, exist_ok=True)
+        probe = logdir / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write the run folder {logdir}: {e.strerror or e}; choose another with -l") from e
+    free = shutil.disk_usage(logdir).free
+    if free < need_bytes:
+        raise OSError(f"only {free / 2**30:.2f} GiB free in {logdir}; checkpoints need about "
+                      f"{need_bytes / 2**30:.2f} GiB (a checkpoint and its temporary copy)")
+
+
+def _checkpoint_bytes(model) -> int:
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    adam = sum(2 * p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    return 2 * (weights + adam)  # the new file is written beside the previous one
+
+
 def _quiet() -> None:
     """Silence Lightning warnings that are expected here (they are about choices made on purpose)."""
     import warnings
@@ -234,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     import pytorch_lightning as pl
 
     _quiet()
+    if int(os.environ.get("LOCAL_RANK", 0)) > 0:
+        _exit_with_parent()
     from ldm_asym.util import instantiate_from_config
 
     parser = get_parser()
@@ -284,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     if not opt.train:
         print(f"config OK; run folder would be {logdir} (add -t to train)")
         return 0
+    if trainer.global_rank == 0:
+        check_writable(logdir, _checkpoint_bytes(model))
     trainer.fit(model, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
     return 0
 

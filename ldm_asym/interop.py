@@ -251,7 +251,7 @@ def _download(repo_id: str) -> Path:
     except Exception as e:
         raise FileNotFoundError(
             f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). Offline? On a "
-            f"machine with internet run `huggingface-cli download {repo_id} --include 'config.json' "
+            f"machine with internet run `hf download {repo_id} --include 'config.json' "
             f"'diffusion_pytorch_model.safetensors' 'vae/*' --local-dir DIR`, copy DIR here and pass its path."
         ) from e
 

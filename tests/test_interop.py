@@ -173,7 +173,7 @@ def test_mismatch_lists_missing_unexpected_and_shapes(tmp_path, tiny_vae):
 
 def test_hub_id_offline_says_what_to_download(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download cross-attention/asymmetric"):
+    with pytest.raises(FileNotFoundError, match="hf download cross-attention/asymmetric"):
         load_autoencoder("cross-attention/asymmetric-autoencoder-kl-x-1-5")
 
 

@@ -7,7 +7,7 @@ are written here. Variants (SD vanilla, base, large 1.5x / 2x, concat ablation) 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,7 @@ class AsymmetricDecoder(nn.Module):
         out_channels: int = 3,
         up_widths: Sequence[int] = (512, 512, 256, 128),
         resnets_per_level: int = 3,
-        blend: str = "add",
+        blend: Literal["add", "concat", "none"] = "add",
         norm_num_groups: int = 32,
         act_fn: str = "silu",
         gradient_checkpointing: bool = False,

@@ -74,8 +74,9 @@ class RunSetup(pl.Callback):
 
 
 class EmergencyCheckpoint(pl.Callback):
-    """`last.ckpt` on SIGUSR1 (at the next batch boundary, so the state is consistent) and when
-    training dies with an exception (latent-diffusion's behaviour), so `-r` can continue."""
+    """`last.ckpt` on SIGUSR1 (at the next batch boundary, so the state is consistent), when
+    training dies with an exception (latent-diffusion's behaviour), so `-r` can continue, and at the
+    end of training (ModelCheckpoint saves only at intervals and epoch ends)."""
 
     def __init__(self, ckpt_dir: str | os.PathLike):
         self.path = Path(ckpt_dir) / "last.ckpt"
@@ -99,6 +100,11 @@ class EmergencyCheckpoint(pl.Callback):
             self.requested = False
             log.warning("SIGUSR1: saving %s", self.path)
             self._save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        saved = getattr(trainer.checkpoint_callback, "_last_global_step_saved", None)
+        if trainer.global_step > 0 and saved != trainer.global_step:
+            trainer.save_checkpoint(self.path)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if trainer.global_step > 0 and trainer.state.fn == "fit":

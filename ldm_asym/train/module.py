@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import copy
 import math
+import random
+from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from ldm_asym import metrics
 from ldm_asym.interop import META_KEY, init_from_vae
@@ -29,6 +32,16 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, start: float, floo
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _numpy_state() -> list:
+    # As plain Python values, so checkpoints stay loadable with torch.load(weights_only=True).
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many NaN/Inf updates in a row."""
 
 
 class AsymmetricVQGAN(pl.LightningModule):
@@ -51,6 +64,8 @@ class AsymmetricVQGAN(pl.LightningModule):
             train too. With `blend: none` this trains the frozen encoder that stage 2 then uses.
         channels_last, compile: speed switches (NHWC tensors; `torch.compile` of decoder and
             discriminator in place, so checkpoint keys do not change).
+        check_finite, max_nonfinite_steps: skip (and count) updates whose loss or gradients are not
+            finite; stop after this many in a row, keeping `checkpoints/before-nonfinite.ckpt`.
     """
 
     def __init__(
@@ -73,6 +88,8 @@ class AsymmetricVQGAN(pl.LightningModule):
         train_encoder: bool = False,
         channels_last: bool = False,
         compile: bool = False,
+        check_finite: bool = True,
+        max_nonfinite_steps: int = 20,
         trust_pickle: bool = False,
     ):
         super().__init__()
@@ -96,6 +113,7 @@ class AsymmetricVQGAN(pl.LightningModule):
         self._epoch_batches = 0  # batches trained on in the current epoch (mid-epoch resume)
         self._resume_epoch_batches = 0
         self._micro_batches = 0
+        self._nonfinite_run = self._nonfinite_total = self._first_nonfinite = 0
         self.lr = None  # set in configure_optimizers, once the world size and batch size are known
 
     # ------------------------------------------------------------------ optimisation
@@ -170,20 +188,25 @@ class AsymmetricVQGAN(pl.LightningModule):
         if hp.channels_last:
             x, mask = x.contiguous(memory_format=torch.channels_last), mask.contiguous(memory_format=torch.channels_last)
         step = self.global_step  # completed generator updates = batches so far (accumulation 1)
-        micro = self._micro_batches
-        with torch.set_grad_enabled(hp.train_encoder):
-            posterior = self.model.encode(x)
-            z = posterior.sample(generator=self._noise_generator(self._batches_seen))
-        rec = self.model.decode(z, image=x, mask=mask, check_inputs=False)
-
-        last_layer = self.model.decoder.conv_out.weight
-        g_loss, log = self.loss.generator_loss(x, rec, posterior, step=step, last_layer=last_layer)
-        self.manual_backward(g_loss / hp.accumulate_grad_batches)
         self._batches_seen += 1
         self._epoch_batches += 1
-        self._micro_batches = micro + 1
+        self._micro_batches += 1
         boundary = self._micro_batches % hp.accumulate_grad_batches == 0
+
+        # Generator. D's params are toggled off so g_loss leaves no gradient in D.
+        self.toggle_optimizer(opt_g)
+        with torch.set_grad_enabled(hp.train_encoder):
+            posterior = self.model.encode(x)
+            z = posterior.sample(generator=self._noise_generator(self._batches_seen - 1))
+        rec = self.model.decode(z, image=x, mask=mask, check_inputs=False)
+        g_loss, log = self.loss.generator_loss(x, rec, posterior, step=step,
+                                               last_layer=self.model.decoder.conv_out.weight)
+        self.manual_backward(g_loss / hp.accumulate_grad_batches)
+        self.untoggle_optimizer(opt_g)
         if boundary:
+            if not self._finite(g_loss, opt_g):
+                self._skip_nonfinite("generator", step, opt_g, opt_d)
+                return
             self._set_lr(opt_g, self.lr_at(step))
             if hp.gradient_clip_val:
                 self.clip_gradients(opt_g, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
@@ -197,15 +220,18 @@ class AsymmetricVQGAN(pl.LightningModule):
             self.manual_backward(d_loss / hp.accumulate_grad_batches)
             log.update(d_log)
             if boundary:
-                self._set_lr(opt_d, self.lr_at(step, start_step=self.loss.disc_start))
-                if hp.gradient_clip_val:
-                    self.clip_gradients(opt_d, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
-                # Not opt_d.step(): that would count a second "step" per batch in global_step.
-                self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=lambda: None, model=self)
-                opt_d.zero_grad(set_to_none=True)
-        else:
-            # The generator's backward reaches D through g_loss only once the GAN is on; keep D clean.
-            opt_d.zero_grad(set_to_none=True)
+                if not self._finite(d_loss, opt_d):
+                    self._skip_nonfinite("discriminator", step, opt_d)
+                else:
+                    self._set_lr(opt_d, self.lr_at(step, start_step=self.loss.disc_start))
+                    if hp.gradient_clip_val:
+                        self.clip_gradients(opt_d, gradient_clip_val=hp.gradient_clip_val,
+                                            gradient_clip_algorithm="norm")
+                    # Not opt_d.step(): that would count a second "step" per batch in global_step.
+                    self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=lambda: None, model=self)
+                    opt_d.zero_grad(set_to_none=True)
+        if boundary:
+            self._nonfinite_run = 0
 
         skipped = batch.get("n_skipped")
         if skipped is not None:
@@ -216,6 +242,40 @@ class AsymmetricVQGAN(pl.LightningModule):
         if "disc/loss" in log:
             self.log("d_loss", log["disc/loss"], prog_bar=True, logger=False)
         self._last_batch = (x.detach(), mask.detach(), rec.detach())
+
+    # ------------------------------------------------------------------ non-finite steps
+    def _finite(self, loss: torch.Tensor, opt) -> bool:
+        """Loss and gradients finite on every rank (grads are all-reduced, the loss is not: reduce
+        the verdict so all ranks skip together instead of diverging)."""
+        if not self.hparams.check_finite:
+            return True
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        ok = torch.isfinite(loss.detach()).all()
+        if grads and self.trainer.precision not in ("16-mixed", "16"):  # fp16: GradScaler's job
+            ok = ok & torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+        if self.trainer.world_size > 1:
+            ok = self.all_gather(ok.float()).min() > 0
+        return bool(ok)
+
+    def _skip_nonfinite(self, what: str, step: int, *opts) -> None:
+        """Drop this update; the model is untouched, so the current state is the last good one."""
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+        self._nonfinite_run += 1
+        self._nonfinite_total += 1
+        self.log("train/nonfinite_skipped", float(self._nonfinite_total), on_step=True, logger=True)
+        ckpt_dir = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+        good = Path(ckpt_dir) / "before-nonfinite.ckpt" if ckpt_dir else None
+        if self._nonfinite_run == 1:
+            self._first_nonfinite = step
+            rank_zero_warn(f"non-finite {what} loss or gradients at step {step}: update skipped")
+            if good is not None:  # no barrier: every rank reaches this line, only rank 0 writes
+                self.trainer.strategy.save_checkpoint(self.trainer._checkpoint_connector.dump_checkpoint(), good)
+        if self._nonfinite_run >= self.hparams.max_nonfinite_steps:
+            raise NonFiniteTrainingError(
+                f"{self._nonfinite_run} non-finite updates in a row (first at step {self._first_nonfinite}); "
+                f"stopping. The state before the first one is in {good}. Lower the lr, enable "
+                f"gradient_clip_val, or check the data.")
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -257,6 +317,10 @@ class AsymmetricVQGAN(pl.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         meta = {
+            # Training draws no global randomness (sampler and noise are seeded), but user code or a
+            # library might: restore the generators too so a resume continues them.
+            "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "model_config": self.model.config(),
             "pretrained_names": self.pretrained_names,
             "batches_seen": self._batches_seen,
@@ -267,6 +331,13 @@ class AsymmetricVQGAN(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get(META_KEY, {})
+        rng = meta.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state((rng["numpy"][0], np.asarray(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
+            random.setstate(rng["python"])
+            if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
         self.pretrained_names = list(meta.get("pretrained_names", self.pretrained_names))
         self._batches_seen = meta.get("batches_seen", 0)
         # Resuming mid-epoch: the sampler is deterministic, so skipping what this epoch already
