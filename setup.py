@@ -23,6 +23,7 @@ setup(
         "tqdm",
         "huggingface_hub",
         "tensorboard",
+        "torch-fidelity",
         "wandb",
     ],
     extras_require={"test": ["pytest", "pytest-timeout"]},
