@@ -180,3 +180,21 @@ def test_lr_formula_and_schedule():
     module.hparams.scale_lr = False
     module.configure_optimizers()
     assert module.lr == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("logger", ["TensorBoardLogger", "WandbLogger"])
+def test_loggers_receive_metrics_and_image_grids(tmp_path, monkeypatch, logger):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = run(tmp_path, f"lightning.logger.target=pytorch_lightning.loggers.{logger}",
+                  "lightning.trainer.max_steps=2", "lightning.callbacks.images.every_n_steps=2",
+                  "lightning.trainer.limit_val_batches=0")
+    assert (run_dir / "images" / "train" / "step-000002.png").is_file()
+    if logger == "TensorBoardLogger":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run_dir), size_guidance={"images": 0}).Reload()
+        assert "train/comparison" in events.Tags()["images"]
+        assert "loss/l1" in events.Tags()["scalars"]
+    else:
+        runs = list((run_dir / "wandb").glob("offline-run-*/*.wandb"))
+        assert len(runs) == 1 and runs[0].stat().st_size > 0
