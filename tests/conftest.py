@@ -68,6 +68,16 @@ def rng():
     return torch.Generator().manual_seed(1234)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For files of tiny models: intra-op threads only add overhead there, and on a busy 2-core
+    machine OpenMP spin-waiting makes 2 threads many times slower than 1."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def to_ldm_layout(sd: dict) -> dict:
     """diffusers keys -> original LDM / authors' keys (DESIGN §6), written independently of ldm_asym."""
     import re

@@ -19,13 +19,7 @@ needs_examples = pytest.mark.skipif(not (EXAMPLES / "bench2_mask.png").is_file()
                                     reason=f"example photos not found at {EXAMPLES}")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These models are tiny: on a busy 2-core machine one thread is several times faster than two.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def script(name):

@@ -12,18 +12,11 @@ from ldm_asym.losses import LPIPS_TRUNK_FILES, AsymLoss, check_lpips_weights, lp
 LOG_KEYS = {"loss/total", "loss/nll", "loss/l1", "loss/lpips", "loss/kl", "loss/g", "loss/d_weight", "loss/disc_factor"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add overhead, and on a shared 2-core box OpenMP
-    # spin-waiting makes 2 threads ~30x slower than 1 when another process is busy.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def loss_fn(_one_thread):
+def loss_fn(one_thread):
     torch.manual_seed(0)
     return AsymLoss(lpips_pretrained=False, disc_start=10)
 

@@ -19,13 +19,7 @@ from ldm_asym.metrics import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: 1 intra-op thread is faster, and much faster on a busy shared 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def from01(t):
@@ -186,7 +180,7 @@ def test_ssim_identical_is_one_and_region_restricts():
 
 # ---------------------------------------------------------------------- LPIPS
 @pytest.fixture(scope="module")
-def masked_lpips(_one_thread):
+def masked_lpips(one_thread):
     torch.manual_seed(0)
     return MaskedLPIPS(net="alex", pretrained=False)
 
