@@ -309,8 +309,10 @@ def from_diffusers(vae) -> AsymmetricAutoencoder:
     return model.to(vae.dtype)
 
 
-def init_from_vae(model: AsymmetricAutoencoder, source: str | os.PathLike, trust_pickle: bool = False) -> set[str]:
-    """Load an SD VAE into `model`: encoder, quant convs always; decoder where shapes match.
+def init_from_vae(model: AsymmetricAutoencoder, source: str | os.PathLike, init_decoder: bool = True,
+                  trust_pickle: bool = False) -> set[str]:
+    """Load an SD VAE into `model`: encoder, quant convs always; with `init_decoder`, the decoder too
+    when its SD-shaped part matches the VAE decoder's shapes.
 
     Returns the names of the decoder parameters that were initialised from the VAE (they train at a
     reduced learning rate). The branch, and every decoder tensor whose shape differs from the SD
@@ -324,6 +326,8 @@ def init_from_vae(model: AsymmetricAutoencoder, source: str | os.PathLike, trust
         if getattr(model, name) is not None:
             setattr(sub, name, getattr(model, name))
     load_state_dict_strict(sub, frozen, f"frozen encoder from {source}")
+    if not init_decoder:
+        return set()
     dec = {k[len("decoder."):]: v for k, v in sd.items() if k.startswith("decoder.")}
     dec_own = model.decoder.state_dict()
     match = {k: v for k, v in dec.items() if k in dec_own and dec_own[k].shape == v.shape}

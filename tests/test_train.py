@@ -198,3 +198,27 @@ def test_loggers_receive_metrics_and_image_grids(tmp_path, monkeypatch, logger):
     else:
         runs = list((run_dir / "wandb").glob("offline-run-*/*.wandb"))
         assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+@pytest.mark.parametrize("init_decoder", [True, False])
+def test_init_from_sd_vae(tmp_path, init_decoder):
+    """Encoder and quant convs come from the VAE; with init_decoder_from_vae the SD-shaped decoder
+    part too (trained at lr x pretrained_lr_scale) while the branch starts fresh."""
+    from conftest import TINY_VAE, make_vae
+
+    vae = make_vae(TINY_VAE)
+    vae.save_pretrained(tmp_path / "vae")
+    cfg = OmegaConf.to_container(load_config(TINY).model.params, resolve=True)
+    cfg["autoencoder"]["decoder"]["params"]["up_widths"] = [64, 64, 32, 32]  # mirrors the VAE
+    cfg.update(vae_source=str(tmp_path / "vae"), init_decoder_from_vae=init_decoder)
+    module = AsymmetricVQGAN(**cfg)
+    ref = vae.state_dict()
+    for k, v in module.model.state_dict().items():
+        if not k.startswith("decoder."):
+            assert torch.equal(v, ref[k]), k
+    dec = module.model.decoder.state_dict()
+    sd_part = [k for k in dec if not k.startswith("condition_encoder.")]
+    same = [torch.equal(dec[k], ref["decoder." + k]) for k in sd_part]
+    assert all(same) if init_decoder else not any(same[:5])
+    assert len(module.pretrained_names) == (len([n for n, _ in module.model.decoder.named_parameters()
+                                                   if not n.startswith("condition_encoder.")]) if init_decoder else 0)

@@ -102,10 +102,9 @@ class AsymmetricVQGAN(pl.LightningModule):
         # Names of decoder params that start from the SD decoder (trained at lr x pretrained_lr_scale).
         self.pretrained_names: list[str] = []
         if vae_source is not None:
-            names = init_from_vae(self.model, vae_source, trust_pickle=trust_pickle)
-            self.pretrained_names = sorted(names) if init_decoder_from_vae else []
-            if not init_decoder_from_vae:  # the encoder came from the VAE; the decoder starts fresh
-                self.model.decoder.load_state_dict(AsymmetricAutoencoder(**autoencoder).decoder.state_dict())
+            names = init_from_vae(self.model, vae_source, init_decoder=init_decoder_from_vae,
+                                  trust_pickle=trust_pickle)
+            self.pretrained_names = sorted(names)
         # The EMA decoder is a module of its own, so it moves with the model and is checkpointed as
         # `ema_decoder.*` (export and evaluation read it with use_ema / --ema).
         self.ema_decoder = copy.deepcopy(self.model.decoder).requires_grad_(False) if ema_decay else None
