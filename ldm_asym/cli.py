@@ -2,7 +2,7 @@
 
     python main.py --base configs/asym_base.yaml -t --gpus 0,1,2,3
     python main.py --base configs/asym_base.yaml configs/ablations/blend_concat.yaml -t --gpus 0,
-    python main.py -r logs/2026-11-22T10-00-00_asym_base          # resume the exact training state
+    python main.py -r logs/2026-11-22T10-00-00_asym_base -t       # resume the exact training state
     python main.py --base configs/tiny.yaml -t lightning.trainer.max_steps=100   # dotlist overrides
 
 Configs are merged in order, then the dotlist overrides. Runs live in
@@ -48,7 +48,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--train", action="store_true", help="train (without -t the run is only set up and validated)")
     p.add_argument("-r", "--resume", default="", help="resume from a run folder or a checkpoint inside it")
     p.add_argument("-n", "--name", default="", help="run name (default: the last --base config's name)")
-    p.add_argument("-s", "--seed", type=int, default=23, help="seed for Lightning, the sampler and the noise")
+    p.add_argument("-s", "--seed", type=int, default=None,
+                   help="seed for Lightning, the sampler and the noise (default 23; a resumed run keeps its own)")
     p.add_argument("-l", "--logdir", default="logs", help="folder that holds the run folders")
     p.add_argument("--gpus", default=None, help="GPU ids, e.g. '0,1,2,3' or '0,' (DDP when more than one)")
     p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=None,
@@ -350,13 +351,15 @@ def main(argv: list[str] | None = None) -> int:
     config = OmegaConf.merge(*[load_config(b) for b in base], OmegaConf.from_dotlist(unknown))
     if opt.scale_lr is not None:
         config.model.params.scale_lr = opt.scale_lr
-    config.data.params.seed = opt.seed
+    # The seed drives the data order and the posterior noise: a resumed run keeps the one it saved.
+    seed = opt.seed if opt.seed is not None else OmegaConf.select(config, "data.params.seed", default=None)
+    config.data.params.seed = seed = 23 if seed is None else seed
     validate(config)
     OmegaConf.resolve(config)
     if not opt.resume:
         check_paths(config)
 
-    pl.seed_everything(opt.seed, workers=True)
+    pl.seed_everything(seed, workers=True)
     data = instantiate_from_config(config.data)
     data.build()  # missing or empty data fails here, before the VAE is loaded
     model_cfg = config.model.copy()
