@@ -222,3 +222,20 @@ def test_init_from_sd_vae(tmp_path, init_decoder):
     assert all(same) if init_decoder else not any(same[:5])
     assert len(module.pretrained_names) == (len([n for n, _ in module.model.decoder.named_parameters()
                                                    if not n.startswith("condition_encoder.")]) if init_decoder else 0)
+
+
+def test_ema_decoder_is_trained_checkpointed_and_exported(tmp_path):
+    from ldm_asym import load_autoencoder
+
+    run_dir = run(tmp_path, "model.params.ema_decay=0.5", "lightning.trainer.max_steps=4",
+                  "lightning.trainer.limit_val_batches=0")
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    sd = load(ckpt)["state_dict"]
+    live = load_autoencoder(ckpt).decoder.state_dict()
+    ema = load_autoencoder(ckpt, use_ema=True).decoder.state_dict()
+    for k in live:
+        assert torch.equal(ema[k], sd["ema_decoder." + k]), k
+    assert any(not torch.equal(live[k], ema[k]) for k in live)
+    with pytest.raises(ValueError, match="no EMA weights"):
+        load_autoencoder(run(tmp_path / "plain", "lightning.trainer.max_steps=1",
+                             "lightning.trainer.limit_val_batches=0") / "checkpoints" / "last.ckpt", use_ema=True)
