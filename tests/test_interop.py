@@ -63,7 +63,10 @@ def test_architecture_inferred_for_released_decoders(preset):
     """The authors' three decoders: widths, resnets and branch are read from shapes alone (meta tensors)."""
     from omegaconf import OmegaConf
 
-    params = OmegaConf.to_container(OmegaConf.load(f"configs/decoders/{preset}.yaml"))["params"]
+    from ldm_asym.cli import load_config
+
+    cfg = load_config(f"configs/asym_{preset}.yaml").model.params.autoencoder.decoder.params
+    params = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "gradient_checkpointing"}
     with torch.device("meta"):
         dec = AsymmetricDecoder(**params)
     sd = {"decoder." + k: v for k, v in dec.state_dict().items()}

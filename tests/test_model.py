@@ -25,19 +25,6 @@ def test_parameter_counts(up_widths, resnets, blend, expected):
     assert sum(p.numel() for p in dec.parameters()) == expected
 
 
-def test_preset_yaml_counts():
-    """The shipped YAML presets build exactly the paper's decoders."""
-    from omegaconf import OmegaConf
-
-    from ldm_asym.util import instantiate_from_config
-
-    for name, expected in (("base", 60_276_227), ("large_1.5x", 160_136_835), ("large_2x", 371_966_467)):
-        cfg = OmegaConf.to_container(OmegaConf.load(f"configs/decoders/{name}.yaml"), resolve=True)
-        with torch.device("meta"):
-            dec = instantiate_from_config(cfg)
-        assert sum(p.numel() for p in dec.parameters()) == expected, name
-
-
 def test_encoder_and_vanilla_decoder_match_sd_vae(tmp_path):
     ref = make_vae()
     ref.save_pretrained(tmp_path / "vae")
