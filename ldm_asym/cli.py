@@ -308,7 +308,9 @@ def _quiet() -> None:
     import warnings
 
     for msg in (".*pre-optimization state.*", ".*module\\(s\\) in eval mode.*", ".*LeafSpec.*",
-                ".*does not have many workers.*"):
+                ".*does not have many workers.*",
+                # Our sampler resumes mid-epoch by itself (ResumableSampler + the module's batch count).
+                ".*dataloader is not resumable.*"):
         warnings.filterwarnings("ignore", message=msg)
 
 
