@@ -3,19 +3,108 @@
 SD's blocks come from diffusers (`UNetMidBlock2D`, `UpDecoderBlock2D`), so parameter names match
 diffusers' `AsymmetricAutoencoderKL` and the SD decoder one to one; only the branch and the blend
 are written here. Variants (SD vanilla, base, large 1.5x / 2x, concat ablation) are config values.
+
+Speed (`fast=True`, the default; docs/benchmarks.md has the numbers): the up levels run diffusers'
+modules through a leaner forward with the same parameters and the same function, within float
+rounding (<= 1e-4 against diffusers, tests/test_model.py):
+* nearest x2 upsampling + 3x3 conv is computed as one 2x2 conv on the low-resolution input, one
+  output channel group per output phase (`upsample_conv`): 16 instead of 36 multiply-adds per
+  input pixel and channel pair, and no 4x-sized upsampled tensor;
+* resnets skip the division by `output_scale_factor` (1) and, without autograd, apply SiLU and
+  the residual add in place (`_resnet`);
+* the blend is one `lerp` instead of four elementwise ops.
+`fast=False` runs diffusers' layer forwards verbatim (bit-identical to diffusers).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, UpDecoderBlock2D
+from diffusers.models.upsampling import Upsample2D
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 BLEND_MODES = ("add", "concat", "none")
+_PHASES = ((0, 0), (0, 1), (1, 0), (1, 1))
+
+
+def upsample_taps() -> torch.Tensor:
+    """(4, 9, 4) 0/1 matrix: 3x3 taps -> the 2x2 taps of each output phase of nearest x2 + conv3x3.
+
+    Output row 2i + a of `conv3x3(nearest_x2(x))` reads input rows (i-1, i) with kernel rows
+    (w0, w1 + w2) when a = 0 and rows (i, i+1) with (w0 + w1, w2) when a = 1; columns likewise.
+    `taps[2a + b, 3u + v, 2p + q]` = 1 where 3x3 tap (u, v) is part of 2x2 tap (p, q) of phase (a, b).
+    """
+    rows = torch.tensor([[[1.0, 0, 0], [0, 1, 1]], [[1.0, 1, 0], [0, 0, 1]]])  # [a, p, u]
+    return torch.einsum("apu,bqv->abuvpq", rows, rows).reshape(4, 9, 4)
+
+
+def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, taps: torch.Tensor) -> torch.Tensor:
+    """`conv(F.interpolate(x, scale_factor=2, mode="nearest"))` for a 3x3, padding-1 conv, as one 2x2 conv.
+
+    The four phases' kernels (sums of the 3x3 taps, formed in fp32) are stacked along the output
+    channels; a 2x2 conv with padding 1 on the (H, W) input gives all of them at (H+1, W+1), and
+    phase (a, b) is the window starting at (a, b), written to output pixels (2i+a, 2j+b).
+    Same function as the two-step form up to float rounding (~1e-6 relative); differentiable.
+    """
+    b, _, h, w = x.shape
+    o, i = conv.out_channels, conv.in_channels
+    with torch.autocast(device_type=x.device.type, enabled=False):  # sum the taps in full precision
+        weight = torch.matmul(conv.weight.float().reshape(1, o * i, 9), taps.float())  # (4, o*i, 4)
+    weight = weight.to(conv.weight.dtype).reshape(4 * o, i, 2, 2)
+    bias = conv.bias.repeat(4) if conv.bias is not None else None
+    y = F.conv2d(x, weight, bias, padding=1)  # (B, 4*o, H+1, W+1)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        # NHWC: each phase is a block of whole channel vectors, copied to every other pixel.
+        out = y.new_empty((b, h, 2, w, 2, o))
+        y_nhwc = y.permute(0, 2, 3, 1)
+        for k, (pa, pb) in enumerate(_PHASES):
+            out[:, :, pa, :, pb] = y_nhwc[:, pa:pa + h, pb:pb + w, k * o:(k + 1) * o]
+        return out.view(b, 2 * h, 2 * w, o).permute(0, 3, 1, 2)
+    out = y.new_empty((b, o, h, 2, w, 2))
+    for k, (pa, pb) in enumerate(_PHASES):
+        out[:, :, :, pa, :, pb] = y[:, k * o:(k + 1) * o, pa:pa + h, pb:pb + w]
+    return out.view(b, o, 2 * h, 2 * w)
+
+
+def _fusable_upsampler(up: nn.Module) -> bool:
+    """A diffusers `Upsample2D` doing exactly nearest x2 + Conv2d(3x3, stride 1, padding 1)."""
+    conv = getattr(up, "conv", None)
+    return (
+        type(up) is Upsample2D and up.use_conv and not up.use_conv_transpose and up.interpolate
+        and up.norm is None and up.name == "conv" and type(conv) is nn.Conv2d
+        and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+        and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+    )
+
+
+def _lean_resnet(r: nn.Module) -> bool:
+    """A diffusers `ResnetBlock2D` as SD's decoder builds it (no time embedding, no resampling)."""
+    return (
+        type(r) is ResnetBlock2D and r.time_emb_proj is None and not r.up and not r.down
+        and r.time_embedding_norm == "default" and type(r.nonlinearity) is nn.SiLU
+        and type(r.norm1) is nn.GroupNorm and type(r.norm2) is nn.GroupNorm
+        and (r.dropout.p == 0 or not r.training)
+    )
+
+
+def _resnet(r: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`ResnetBlock2D.forward(x, None)`; in place where autograd does not need the inputs."""
+    inplace = not torch.is_grad_enabled()
+    h = F.silu(r.norm1(x), inplace=inplace)
+    h = r.conv1(h)
+    h = F.silu(r.norm2(h), inplace=inplace)
+    h = r.conv2(h)  # dropout: p = 0 or eval mode, the identity
+    shortcut = r.conv_shortcut(x) if r.conv_shortcut is not None else x
+    h = h.add_(shortcut) if inplace else h + shortcut
+    if r.output_scale_factor != 1:
+        h = h / r.output_scale_factor
+    return h
 
 
 class ConditionBranch(nn.Module):
@@ -60,7 +149,11 @@ class AsymmetricDecoder(nn.Module):
         blend: "add" (the paper's MGB), "concat" (ablation: 1x1 conv over [h*m, f*(1-m)], initialised
             to equal "add") or "none" (the vanilla SD decoder, no branch).
         norm_num_groups: GroupNorm groups everywhere (SD: 32).
-        gradient_checkpointing: recompute mid and up blocks in backward to save activation memory.
+        gradient_checkpointing: recompute the mid-block and each up-level resnet / upsampler in backward,
+            keeping only their inputs (saves activation memory for ~one extra decoder forward).
+        fast: run the up levels through the fused upsample-conv and lean resnet forward, and blend
+            with `lerp` (same parameters and function, see the module docstring); False runs
+            diffusers' layer forwards verbatim.
     """
 
     def __init__(
@@ -73,6 +166,7 @@ class AsymmetricDecoder(nn.Module):
         norm_num_groups: int = 32,
         act_fn: str = "silu",
         gradient_checkpointing: bool = False,
+        fast: bool = True,
     ):
         super().__init__()
         if blend not in BLEND_MODES:
@@ -86,6 +180,9 @@ class AsymmetricDecoder(nn.Module):
         self.blend = blend
         self.up_widths = up_widths
         self.gradient_checkpointing = gradient_checkpointing
+        self.fast = fast
+        # Constant of `upsample_conv`; a buffer so it follows .to(device), not saved in checkpoints.
+        self.register_buffer("upsample_taps", upsample_taps(), persistent=False)
 
         self.conv_in = nn.Conv2d(latent_channels, up_widths[0], kernel_size=3, padding=1)
         self.mid_block = UNetMidBlock2D(
@@ -150,13 +247,29 @@ class AsymmetricDecoder(nn.Module):
             mask = F.interpolate(mask, size=h.shape[-2:], mode="nearest")
         mask = mask.to(h.dtype)
         if self.blend == "add":
+            if self.fast:
+                # h + (1 - mask) * (feat - h) in one kernel: exactly h where mask = 1 and feat where
+                # mask = 0. `h` first, so the result keeps h's memory layout, as the two-op form does
+                # (diffusers' mid-block attention returns a channels-last-strided tensor).
+                return h.lerp(feat, 1 - mask)
             return h * mask + feat * (1 - mask)
         return self.blend_convs[point](torch.cat([h * mask, feat * (1 - mask)], dim=1))
 
-    def _run(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    def _run(self, fn, h: torch.Tensor) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, h, use_reentrant=False)
-        return block(h)
+            return checkpoint(fn, h, use_reentrant=False)
+        return fn(h)
+
+    def _up_level(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """`UpDecoderBlock2D.forward(h)` one layer at a time: the fast paths where a layer is SD-shaped,
+        and gradient checkpointing per resnet / upsampler, so backward holds one layer's activations."""
+        for resnet in block.resnets:
+            fast = self.fast and _lean_resnet(resnet)
+            h = self._run(partial(_resnet, resnet) if fast else partial(resnet, temb=None), h)
+        for up in block.upsamplers or ():
+            fast = self.fast and _fusable_upsampler(up)
+            h = self._run(partial(upsample_conv, conv=up.conv, taps=self.upsample_taps) if fast else up, h)
+        return h
 
     def forward(self, z: torch.Tensor, image: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         """Decode post-quant-conv latents `z`; with `image` ([-1, 1]) and `mask` (1 = hole) use the known pixels.
@@ -173,7 +286,7 @@ class AsymmetricDecoder(nn.Module):
             if conditioned:
                 point = n - i  # level i's input is blend point n - i (fine -> coarse numbering)
                 h = self._blend(h, feats[point].to(h.dtype), mask, point)
-            h = self._run(block, h)
+            h = self._up_level(block, h)
         if conditioned:
             h = self._blend(h, feats[0].to(h.dtype), mask, 0)
         return self.conv_out(self.conv_act(self.conv_norm_out(h)))

@@ -1,0 +1,80 @@
+"""scripts/benchmark.py: a CPU smoke test in CI sizes. It checks the report, never the speed."""
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+
+from ldm_asym import benchmark as B
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """One run of the script's main(): tiny, 64², batch 1, 1 repeat, plus --data on 2 small JPEGs.
+
+    In-process (the CPU memory probes still run in their own subprocesses), on one thread: on a
+    busy machine two OpenMP threads can be many times slower than one for these tiny ops.
+    """
+    import torch
+
+    tmp = tmp_path_factory.mktemp("bench")
+    jpegs = B.make_jpegs(tmp / "jpegs", photos=None, per_size=2, sizes=((96, 72), (160, 120)))
+    out = tmp / "bench.json"
+    argv = ["--variant", "tiny", "--size", "64", "--batch", "1", "--warmup", "1", "--repeats", "1",
+            "--threads", "1", "--json", str(out), "--data", str(jpegs["96x72"]), "--data-size", "64"]
+    stdout, threads = io.StringIO(), torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+            assert B.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "| tiny 64px b1 cpu fp32 |" in stdout.getvalue()  # the printed table
+    return json.loads(out.read_text())
+
+
+def test_report_has_every_key(report):
+    machine = report["machine"]
+    assert machine["cpu"] and machine["torch"] and report["torch"] == machine["torch"]
+    assert report["settings"]["variant"] == ["tiny"]
+    (r,) = report["results"]
+    for key in B.RESULT_KEYS + ("reference_train_img_s", "reference_peak_mem_mb", "config", "peak_mem_kind"):
+        assert key in r, key
+    assert r["config"]["variant"] == "tiny" and r["config"]["size"] == 64 and r["config"]["batch"] == 1
+    for key in ("ours_ms", "reference_ms", "speedup", "train_img_s", "reference_train_img_s",
+                "peak_mem_mb", "reference_peak_mem_mb", "max_abs_diff", "psnr_db"):
+        assert _number(r[key]) and r[key] >= 0, (key, r[key])
+    assert r["speedup"] == pytest.approx(r["reference_ms"] / r["ours_ms"])
+
+
+def test_fp32_outputs_match_diffusers(report):
+    (r,) = report["results"]
+    assert r["max_abs_diff"] <= 1e-4
+    assert r["psnr_db"] > 80
+
+
+def test_data_loading_report(report):
+    data = report["data"]
+    (group,) = data["groups"].values()
+    assert group["images"] == 2 and _number(group["img_s_per_worker"]) and group["img_s_per_worker"] > 0
+    assert set(group["stage_ms"]) == {"decode", "crop_resize", "to_tensor", "mask"}
+
+
+def test_output_diff_and_jpegs(tmp_path):
+    import torch
+
+    x = torch.rand(1, 3, 8, 8) * 2 - 1
+    assert B.output_diff(x, x) == (0.0, B.PSNR_CAP_DB)
+    d, p = B.output_diff(x + 0.02, x)
+    assert d == pytest.approx(0.02) and p == pytest.approx(10 * math.log10(1 / 0.01**2), abs=0.5)
+    folders = B.make_jpegs(tmp_path, photos=None, per_size=1, sizes=((40, 30),))
+    (f,) = folders["40x30"].glob("*.jpg")
+    from PIL import Image
+
+    with Image.open(f) as im:
+        assert im.format == "JPEG" and im.size == (40, 30)
