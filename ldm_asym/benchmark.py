@@ -76,6 +76,7 @@ class Config:
     repeats: int = 5
     train: bool = True
     memory: bool = True
+    timing: bool = True  # False: outputs and memory only (--memory-only)
     tf32: bool = False
     seed: int = 0
 
@@ -227,9 +228,11 @@ def timed(fn: Callable[[], Any], device: str) -> float:
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, device: str) -> dict[str, dict]:
-    """Warm each function up, then time them in turn (a, b, a, b, ...); medians and all samples in ms.
+    """Warm each function up, then time them in turn; medians and all samples in ms.
 
-    The first warm-up call's time is kept as `first_ms` (it includes torch.compile's compilation).
+    Rounds alternate the order (a, b, then b, a, ...), so neither runs always first (caches,
+    allocator state and a machine whose load drifts would otherwise favour one position). The first
+    warm-up call's time is kept as `first_ms` (it includes torch.compile's compilation).
     """
     out = {name: {"first_ms": None, "all_ms": []} for name in fns}
     for i in range(max(1, warmup)):
@@ -237,9 +240,10 @@ def interleaved(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, de
             ms = timed(fn, device)
             if i == 0:
                 out[name]["first_ms"] = ms
-    for _ in range(max(1, repeats)):
-        for name, fn in fns.items():
-            out[name]["all_ms"].append(timed(fn, device))
+    names = list(fns)
+    for i in range(max(1, repeats)):
+        for name in names if i % 2 == 0 else names[::-1]:
+            out[name]["all_ms"].append(timed(fns[name], device))
     for r in out.values():
         r["median_ms"] = statistics.median(r["all_ms"])
         r["min_ms"] = min(r["all_ms"])
@@ -453,7 +457,11 @@ def cuda_peak(fn: Callable[[], Any], device: str) -> float:
 
 # ---------------------------------------------------------------------- one configuration
 def run_config(cfg: Config, log: Callable[[str], None] = print) -> dict:
-    """Benchmark one configuration; returns a flat dict (RESULT_KEYS plus details)."""
+    """Benchmark one configuration; returns a flat dict (RESULT_KEYS plus details).
+
+    Fields that a configuration does not measure (`--no-train`, `--no-memory`, `--memory-only`)
+    are None.
+    """
     device = torch.device(cfg.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
@@ -462,11 +470,14 @@ def run_config(cfg: Config, log: Callable[[str], None] = print) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
         torch.backends.cudnn.allow_tf32 = cfg.tf32
     result: dict[str, Any] = {"config": asdict(cfg), "label": cfg.label(), "loadavg_start": _loadavg()}
+    result.update({k: None for k in RESULT_KEYS})
+    result.update(reference_train_img_s=None, train_speedup=None, reference_peak_mem_mb=None)
     lpips_pretrained = _lpips_pretrained()
     result["lpips_trunk"] = "pretrained" if lpips_pretrained else "random (same compute)"
 
     # ---- decode latency and output difference
     ours, ref = build_models(cfg)
+    result["attention_processor"] = type(ref.decoder.mid_block.attentions[0].processor).__name__
     inputs = make_inputs(cfg)
     z, x, m = inputs["z"], inputs["image"], inputs["mask"]
     with torch.inference_mode():
@@ -483,39 +494,41 @@ def run_config(cfg: Config, log: Callable[[str], None] = print) -> dict:
         with torch.inference_mode(), _autocast(cfg):
             return ref.decode(z, image=x, mask=m).sample
 
-    log(f"[{cfg.label()}] decode: warm-up {cfg.warmup}, {cfg.repeats} interleaved repeats")
-    times = interleaved({"ours": decode_ours, "reference": decode_ref}, cfg.warmup, cfg.repeats, cfg.device)
-    result["setup_s"] = round(time.perf_counter() - t0, 2)
-    result.update(
-        ours_ms=times["ours"]["median_ms"], reference_ms=times["reference"]["median_ms"],
-        ours_min_ms=times["ours"]["min_ms"], reference_min_ms=times["reference"]["min_ms"],
-        ours_all_ms=times["ours"]["all_ms"], reference_all_ms=times["reference"]["all_ms"],
-        ours_first_ms=times["ours"]["first_ms"],
-    )
-    result["speedup"] = result["reference_ms"] / result["ours_ms"]
-    result["attention_processor"] = type(ref.decoder.mid_block.attentions[0].processor).__name__
-    result["ours_img_s"] = cfg.batch * 1e3 / result["ours_ms"]
-    result["max_abs_diff"], result["psnr_db"] = output_diff(decode_ours(), ref_fp32)
+    result["max_abs_diff"], result["psnr_db"] = output_diff(decode_ours(), ref_fp32)  # compiles, if asked
     result["reference_max_abs_diff"], result["reference_psnr_db"] = output_diff(decode_ref(), ref_fp32)
-    if device.type == "cuda":
+    result["setup_s"] = round(time.perf_counter() - t0, 2)
+    if cfg.timing:
+        log(f"[{cfg.label()}] decode: warm-up {cfg.warmup}, {cfg.repeats} interleaved repeats")
+        times = interleaved({"ours": decode_ours, "reference": decode_ref}, cfg.warmup, cfg.repeats, cfg.device)
+        result.update(
+            ours_ms=times["ours"]["median_ms"], reference_ms=times["reference"]["median_ms"],
+            ours_min_ms=times["ours"]["min_ms"], reference_min_ms=times["reference"]["min_ms"],
+            ours_all_ms=times["ours"]["all_ms"], reference_all_ms=times["reference"]["all_ms"],
+        )
+        result["speedup"] = result["reference_ms"] / result["ours_ms"]
+        result["ours_img_s"] = cfg.batch * 1e3 / result["ours_ms"]
+    if device.type == "cuda" and cfg.memory:
         result["decode_peak_mem_mb"] = cuda_peak(decode_ours, cfg.device)
         result["reference_decode_peak_mem_mb"] = cuda_peak(decode_ref, cfg.device)
-    del ours, ref, ref_fp32
+    del ours, ref, ref_fp32, decode_ours, decode_ref
     gc.collect()
 
-    # ---- training step
-    result.update(train_img_s=None, reference_train_img_s=None, train_speedup=None)
-    if cfg.train:
-        log(f"[{cfg.label()}] training step: warm-up {cfg.warmup}, {cfg.repeats} interleaved repeats")
+    # ---- training step (on CPU its memory is measured in subprocesses, below)
+    if cfg.train and (cfg.timing or (device.type == "cuda" and cfg.memory)):
         steps = {kind: build_train_step(cfg, kind, lpips_pretrained) for kind in ("ours", "reference")}
-        times = interleaved(steps, cfg.warmup, cfg.repeats, cfg.device)
-        ms, ref_ms = times["ours"]["median_ms"], times["reference"]["median_ms"]
-        result.update(
-            train_ms=ms, reference_train_ms=ref_ms,
-            train_all_ms=times["ours"]["all_ms"], reference_train_all_ms=times["reference"]["all_ms"],
-            train_img_s=cfg.batch * 1e3 / ms, reference_train_img_s=cfg.batch * 1e3 / ref_ms,
-            train_speedup=ref_ms / ms,
-        )
+        if cfg.timing:
+            log(f"[{cfg.label()}] training step: warm-up {cfg.warmup}, {cfg.repeats} interleaved repeats")
+            times = interleaved(steps, cfg.warmup, cfg.repeats, cfg.device)
+            ms, ref_ms = times["ours"]["median_ms"], times["reference"]["median_ms"]
+            result.update(
+                train_ms=ms, reference_train_ms=ref_ms,
+                train_all_ms=times["ours"]["all_ms"], reference_train_all_ms=times["reference"]["all_ms"],
+                train_img_s=cfg.batch * 1e3 / ms, reference_train_img_s=cfg.batch * 1e3 / ref_ms,
+                train_speedup=ref_ms / ms,
+            )
+        else:
+            for step in steps.values():  # warm-up: optimiser state, cuDNN autotuning, compilation
+                step()
         if device.type == "cuda" and cfg.memory:
             result["peak_mem_mb"] = cuda_peak(steps["ours"], cfg.device)
             result["reference_peak_mem_mb"] = cuda_peak(steps["reference"], cfg.device)
@@ -523,23 +536,23 @@ def run_config(cfg: Config, log: Callable[[str], None] = print) -> dict:
         gc.collect()
 
     # ---- memory
-    result.setdefault("peak_mem_mb", None)
-    result.setdefault("reference_peak_mem_mb", None)
-    if device.type == "cuda":
-        result["peak_mem_kind"] = "cuda max_memory_allocated during one training step (MB)"
-    elif cfg.memory:
-        what = "train" if cfg.train else "decode"
+    what = "train" if cfg.train else "decode"
+    if not cfg.memory:
+        result["peak_mem_kind"] = "not measured"
+    elif device.type == "cuda":
+        if not cfg.train:
+            result["peak_mem_mb"] = result["decode_peak_mem_mb"]
+            result["reference_peak_mem_mb"] = result["reference_decode_peak_mem_mb"]
+        result["peak_mem_kind"] = f"CUDA max_memory_allocated during one {what} step (MB)"
+    else:
         log(f"[{cfg.label()}] peak RSS of one {what} step, one subprocess per model")
         probes = cpu_peak_rss(cfg, ("ours", "reference"), what, lpips_pretrained)
-        for kind, key in (("ours", "peak_mem_mb"), ("reference", "reference_peak_mem_mb")):
-            probe = probes[kind]
-            result[key] = probe["peak_mb"]
-            result[key.replace("peak_mem_mb", "peak_mem_increase_mb")] = probe["increase_mb"]
-            result[key.replace("peak_mem_mb", "rss_before_mb")] = probe["before_mb"]
+        for kind, prefix in (("ours", ""), ("reference", "reference_")):
+            result[prefix + "peak_mem_mb"] = probes[kind]["peak_mb"]
+            result[prefix + "peak_mem_increase_mb"] = probes[kind]["increase_mb"]
+            result[prefix + "rss_before_mb"] = probes[kind]["before_mb"]
         result["peak_mem_kind"] = (f"CPU peak RSS of one {what} step in a fresh subprocess (MB; "
                                    "*_increase_mb: rise over the RSS before the step)")
-    else:
-        result["peak_mem_kind"] = "not measured"
     result["loadavg_end"] = _loadavg()
     return result
 
@@ -602,12 +615,13 @@ def _synthetic_photo(rng, w, h, Image, ImageDraw, ImageFilter):
 
 
 def data_benchmark(root: str | os.PathLike | None = None, size: int = 256, photos: str | None = None,
-                   per_size: int = 16, passes: int = 3, workers: int = 0, seed: int = 0,
-                   log: Callable[[str], None] = print) -> dict:
+                   per_size: int = 16, passes: int = 5, workers: int = 0, seed: int = 0,
+                   samples_per_pass: int = 64, log: Callable[[str], None] = print) -> dict:
     """Images/s of `ImageFolderDataset(..., size, train=True, masks={"preset": "train", "p_full": 0.5})`.
 
     One process iterating the dataset is what one DataLoader worker does: `img_s_per_worker` is the
-    median over `passes` passes. Also timed per sample stage (JPEG decode with draft mode, crop +
+    median over `passes` passes of `samples_per_pass` samples (the files cycled, each sample with
+    its own seed, i.e. crop and mask). Also timed per sample stage (JPEG decode with draft mode, crop +
     resize, to tensor, mask). Without `root`, photo-like JPEGs of ImageNet sizes (500x375 and
     1024x768) are generated into a temporary folder, one group per size. `workers` > 0 also times
     a DataLoader with that many workers (total images/s and per worker).
@@ -635,17 +649,19 @@ def data_benchmark(root: str | os.PathLike | None = None, size: int = 256, photo
                 px = im.width * im.height
             nbytes = sum(os.path.getsize(f) for f in files)
             ds[(0, seed)]  # warm caches (file system, imports)
+            per_pass = max(n, samples_per_pass)  # cycle the files; every sample gets its own crop and mask
             rates = []
             for p in range(passes):
                 t0 = time.perf_counter()
-                for i in range(n):
-                    ds[(i, seed * 1_000_003 + p * n + i)]
-                rates.append(n / (time.perf_counter() - t0))
+                for i in range(per_pass):
+                    ds[(i % n, seed * 1_000_003 + p * per_pass + i)]
+                rates.append(per_pass / (time.perf_counter() - t0))
             stages = _stage_times(ds, files, size, seed, D)
             g = {"images": n, "pixels": px, "bits_per_pixel": round(8 * nbytes / (n * px), 2),
-                 "img_s_per_worker": statistics.median(rates), "img_s_all": rates, "stage_ms": stages}
+                 "samples_per_pass": per_pass, "img_s_per_worker": statistics.median(rates), "img_s_all": rates,
+                 "stage_ms": stages}
             if workers > 0:
-                g.update(_loader_rate(ds, workers, passes, seed))
+                g.update(_loader_rate(ds, workers, passes, per_pass, seed))
             out["groups"][name] = g
             log(f"[data {name}] {g['img_s_per_worker']:.0f} images/s per worker ({n} files, {px / 1e3:.0f} kpx)")
     finally:
@@ -675,11 +691,12 @@ def _stage_times(ds, files, size, seed, D) -> dict:
     return {k: round(statistics.median(v), 3) for k, v in times.items()}
 
 
-def _loader_rate(ds, workers: int, passes: int, seed: int) -> dict:
+def _loader_rate(ds, workers: int, passes: int, per_pass: int, seed: int, batch_size: int = 8) -> dict:
+    """A DataLoader with `workers` processes (batches of 8, as training collates): total and per worker."""
     from torch.utils.data import DataLoader
 
-    keys = [(i, seed + i) for i in range(len(ds))]
-    loader = DataLoader(_Keyed(ds, keys), batch_size=1, num_workers=workers, persistent_workers=True)
+    keys = [(i % len(ds), seed + i) for i in range(per_pass)]
+    loader = DataLoader(_Keyed(ds, keys), batch_size=batch_size, num_workers=workers, persistent_workers=True)
     for _ in loader:  # start the workers
         pass
     rates = []
@@ -687,9 +704,10 @@ def _loader_rate(ds, workers: int, passes: int, seed: int) -> dict:
         t0 = time.perf_counter()
         for _ in loader:
             pass
-        rates.append(len(ds) / (time.perf_counter() - t0))
+        rates.append(per_pass / (time.perf_counter() - t0))
     total = statistics.median(rates)
-    return {"loader_workers": workers, "loader_img_s": total, "loader_img_s_per_worker": total / workers}
+    return {"loader_workers": workers, "loader_batch_size": batch_size, "loader_img_s": total,
+            "loader_img_s_per_worker": total / workers}
 
 
 class _Keyed(torch.utils.data.Dataset):
@@ -755,6 +773,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="interleaved timed repeats per model (median)")
     p.add_argument("--no-train", action="store_true", help="skip the training-step benchmark")
     p.add_argument("--no-memory", action="store_true", help="skip peak memory (CPU: the subprocesses)")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only the output difference and peak memory (no timing): e.g. large batches")
     p.add_argument("--tf32", action="store_true", help="CUDA fp32: allow TF32 (off by default: equal outputs)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -791,7 +811,8 @@ def main(argv=None) -> int:
             cfg = Config(variant=variant, size=size, batch=batch, device=args.device, dtype=dtype,
                          channels_last=args.channels_last, compile=args.compile,
                          checkpointing=args.checkpointing, fast=not args.no_fast, warmup=args.warmup,
-                         repeats=args.repeats, train=not args.no_train, memory=not args.no_memory,
+                         repeats=args.repeats, train=not args.no_train,
+                         memory=args.memory_only or not args.no_memory, timing=not args.memory_only,
                          tf32=args.tf32, seed=args.seed)
             report["results"].append(run_config(cfg, log))
             if args.json:  # keep what is done if a later configuration fails

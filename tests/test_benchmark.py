@@ -78,3 +78,56 @@ def test_output_diff_and_jpegs(tmp_path):
 
     with Image.open(f) as im:
         assert im.format == "JPEG" and im.size == (40, 30)
+
+
+# ---------------------------------------------------------------------- the decoder's fast paths
+# (parity of the whole decoder with diffusers is tests/test_model.py's; these pin the pieces.)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_conv_equals_nearest_then_conv(channels_last):
+    import torch
+    import torch.nn.functional as F
+
+    from ldm_asym.models.decoder import upsample_conv, upsample_taps
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 5, 3, padding=1)
+    x = torch.randn(2, 6, 7, 5)
+    if channels_last:
+        conv, x = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    ref = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    g_ref = torch.autograd.grad(ref.square().sum(), [x, conv.weight, conv.bias])
+    out = upsample_conv(x, conv, upsample_taps())
+    g_out = torch.autograd.grad(out.square().sum(), [x, conv.weight, conv.bias])
+    assert out.shape == ref.shape == (2, 5, 14, 10)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert (out - ref).abs().max() < 1e-5
+    for a, b in zip(g_out, g_ref):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fast_decoder_trains_like_diffusers_layers(checkpointing):
+    """fast=True and fast=False (diffusers' layer forwards): same outputs and gradients."""
+    import torch
+
+    from ldm_asym.models import AsymmetricDecoder
+
+    torch.manual_seed(0)
+    slow = AsymmetricDecoder(up_widths=[32, 32, 16, 16], resnets_per_level=2, norm_num_groups=8, fast=False)
+    B.perturb_(slow, 0)
+    fast = AsymmetricDecoder(up_widths=[32, 32, 16, 16], resnets_per_level=2, norm_num_groups=8,
+                             gradient_checkpointing=checkpointing)
+    fast.load_state_dict(slow.state_dict())
+    z, x = torch.randn(2, 4, 4, 4), torch.rand(2, 3, 32, 32) * 2 - 1
+    m = (torch.rand(2, 1, 32, 32) > 0.5).float()
+    grads = []
+    for model in (slow, fast):
+        out = model(z, x, m)
+        out.square().mean().backward()
+        grads.append((out.detach(), [p.grad for p in model.parameters()]))
+    (a, ga), (b, gb) = grads
+    assert (a - b).abs().max() < 1e-5
+    assert all(torch.allclose(p, q, rtol=1e-3, atol=1e-6) for p, q in zip(ga, gb))
+    with torch.no_grad():  # the in-place (no autograd) path
+        assert (slow(z, x, m) - fast(z, x, m)).abs().max() < 1e-5

@@ -18,6 +18,7 @@ rounding (<= 1e-4 against diffusers, tests/test_model.py):
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import partial
 from typing import Literal, Sequence
 
@@ -54,7 +55,11 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, taps: torch.Tensor) -> torch
     """
     b, _, h, w = x.shape
     o, i = conv.out_channels, conv.in_channels
-    with torch.autocast(device_type=x.device.type, enabled=False):  # sum the taps in full precision
+    device_type = x.device.type
+    # Sum the taps in full precision, also under autocast (meta tensors know no autocast).
+    no_autocast = (torch.autocast(device_type=device_type, enabled=False)
+                   if torch.amp.is_autocast_available(device_type) else nullcontext())
+    with no_autocast:
         weight = torch.matmul(conv.weight.float().reshape(1, o * i, 9), taps.float())  # (4, o*i, 4)
     weight = weight.to(conv.weight.dtype).reshape(4 * o, i, 2, 2)
     bias = conv.bias.repeat(4) if conv.bias is not None else None
