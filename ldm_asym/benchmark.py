@@ -200,7 +200,7 @@ def _cl(t: torch.Tensor, on: bool) -> torch.Tensor:
 
 
 def prepare_ours(model, cfg: Config, loss=None):
-    """Apply our switches: channels_last (model, loss nets), torch.compile (decoder, discriminator)."""
+    """Apply our switches: channels_last (model, loss nets), torch.compile (decoder, LPIPS, discriminator)."""
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
         if loss is not None:
@@ -209,6 +209,7 @@ def prepare_ours(model, cfg: Config, loss=None):
         model.decoder.compile()
         if loss is not None:
             loss.discriminator.compile()
+            loss.perceptual.compile()
     return model
 
 
@@ -765,7 +766,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(DTYPES),
                    help="bf16 = torch.autocast(bf16) for ours and diffusers alike")
     p.add_argument("--channels-last", action="store_true", help="ours: NHWC model, loss nets and inputs")
-    p.add_argument("--compile", action="store_true", help="ours: torch.compile decoder and discriminator in place")
+    p.add_argument("--compile", action="store_true", help="ours: torch.compile decoder, LPIPS and discriminator in place")
     p.add_argument("--checkpointing", action="store_true", help="ours: gradient checkpointing of the decoder")
     p.add_argument("--no-fast", action="store_true",
                    help="ours: diffusers' block forwards instead of the decoder's fast paths (A/B runs)")

@@ -62,8 +62,8 @@ class AsymmetricVQGAN(pl.LightningModule):
         ema_decay: keep an EMA of the decoder (null = off); `validate_with_ema` uses it for validation.
         train_encoder: stage 1 (a whole KL autoencoder, LDM's first stage): encoder and quant convs
             train too. With `blend: none` this trains the frozen encoder that stage 2 then uses.
-        channels_last, compile: speed switches (NHWC tensors; `torch.compile` of decoder and
-            discriminator in place, so checkpoint keys do not change).
+        channels_last, compile: speed switches (NHWC tensors; `torch.compile` of decoder, LPIPS (when
+            weighted) and discriminator in place, so checkpoint keys do not change).
         check_finite, max_nonfinite_steps: skip (and count) updates whose loss or gradients are not
             finite; stop after this many in a row, keeping `checkpoints/before-nonfinite.ckpt`.
     """
@@ -172,6 +172,8 @@ class AsymmetricVQGAN(pl.LightningModule):
         if self.hparams.compile:
             self.model.decoder.compile()
             self.loss.discriminator.compile()
+            if self.loss.perceptual_weight > 0:
+                self.loss.perceptual.compile()
 
     def _noise_generator(self, step: int) -> torch.Generator:
         # Posterior noise from (seed, step, rank): identical after a resume, no global RNG involved.
