@@ -131,3 +131,21 @@ def test_fast_decoder_trains_like_diffusers_layers(checkpointing):
     assert all(torch.allclose(p, q, rtol=1e-3, atol=1e-6) for p, q in zip(ga, gb))
     with torch.no_grad():  # the in-place (no autograd) path
         assert (slow(z, x, m) - fast(z, x, m)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_decoder_traces_without_graph_breaks(checkpointing):
+    """torch.compile sees the whole conditioned decoder as one graph (issue 5: no graph breaks)."""
+    import torch
+    import torch._dynamo
+
+    from ldm_asym.models import AsymmetricDecoder
+
+    dec = AsymmetricDecoder(up_widths=[32, 32, 16, 16], resnets_per_level=2, norm_num_groups=8,
+                            gradient_checkpointing=checkpointing)
+    z, x = torch.randn(1, 4, 4, 4), torch.rand(1, 3, 32, 32) * 2 - 1
+    m = (torch.rand(1, 1, 32, 32) > 0.5).float()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(dec)(z, x, m)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
