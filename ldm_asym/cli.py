@@ -4,9 +4,13 @@
     python main.py --base configs/asym_base.yaml configs/ablations/blend_concat.yaml -t --gpus 0,
     python main.py -r logs/2026-11-22T10-00-00_asym_base -t       # resume the exact training state
     python main.py --base configs/tiny.yaml -t lightning.trainer.max_steps=100   # dotlist overrides
+    torchrun --nproc_per_node 8 main.py --base configs/asym_base.yaml -t          # or under srun
 
 Configs are merged in order, then the dotlist overrides. Runs live in
-`<logdir>/<time>_<name>/{checkpoints,configs,images}`.
+`<logdir>/<time>_<name>/{checkpoints,configs,images}`. The run folder records the resolved
+hardware (accelerator, devices, nodes, strategy, world size); -r reuses it unless overridden.
+Under torchrun or SLURM every rank uses the job's one run folder, and a restart or requeue of the
+same job resumes from its newest checkpoint.
 """
 
 from __future__ import annotations
@@ -54,6 +58,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", default=None, help="GPU ids, e.g. '0,1,2,3' or '0,' (DDP when more than one)")
     p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=None,
                    help="lr = base_learning_rate x world size x batch x accumulation (default: config, true)")
+    p.add_argument("--allow-new-world-size", action="store_true",
+                   help="with -r: resume on a different number of processes. The lr is recomputed for the new "
+                        "world size (when scale_lr) and the data position, kept as samples consumed in the "
+                        "epoch's permutation, continues at the same sample; both are logged")
     return p
 
 
@@ -210,27 +218,34 @@ def resolve_resume(resume: str) -> tuple[Path, Path]:
     return logdir, ckpt
 
 
-def build_trainer(config: DictConfig, opt, logdir: Path, now: str, resume_ckpt: Path | None):
+def trainer_arguments(config: DictConfig, opt) -> tuple[dict, dict]:
+    """(Trainer kwargs, the resolved hardware record): the one place that decides both."""
+    from ldm_asym.train.launch import resolve_hardware
+
+    light = config.get("lightning", OmegaConf.create())
+    trainer_kwargs = OmegaConf.to_container(light.get("trainer", OmegaConf.create()), resolve=True)
+    trainer_kwargs.update(parse_gpus(opt.gpus))
+    trainer_kwargs, hardware = resolve_hardware(trainer_kwargs, light.get("ddp_timeout_s", 900))
+    if isinstance(trainer_kwargs.get("val_check_interval"), int):
+        # An integer interval counts batches across epoch boundaries: with 26+ GPUs an ImageNet epoch
+        # is shorter than 5000 batches, which Lightning refuses unless this is None.
+        if trainer_kwargs.get("check_val_every_n_epoch") not in (None, 1):
+            print(f"note: check_val_every_n_epoch={trainer_kwargs['check_val_every_n_epoch']} is ignored: "
+                  f"val_check_interval={trainer_kwargs['val_check_interval']} counts batches across epochs")
+        trainer_kwargs["check_val_every_n_epoch"] = None
+    return trainer_kwargs, hardware
+
+
+def build_trainer(config: DictConfig, trainer_kwargs: dict, hardware: dict, logdir: Path, now: str):
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 
     from ldm_asym.train.callbacks import EmergencyCheckpoint, ImageLogger, RunSetup
     from ldm_asym.train.checkpoint_io import AtomicCheckpointIO
     from ldm_asym.util import instantiate_from_config
 
     light = config.get("lightning", OmegaConf.create())
-    trainer_kwargs = OmegaConf.to_container(light.get("trainer", OmegaConf.create()), resolve=True)
-    trainer_kwargs.update(parse_gpus(opt.gpus))
-    devices = trainer_kwargs.get("devices", 1)
-    n_devices = len(devices) if isinstance(devices, (list, tuple)) else int(devices) if str(devices).isdigit() else 1
-    if (n_devices > 1 or trainer_kwargs.get("num_nodes", 1) > 1) and "strategy" not in trainer_kwargs:
-        from pytorch_lightning.strategies import DDPStrategy
-
-        # find_unused_parameters: the discriminator takes no part in the generator's backward.
-        # A bounded timeout: if a rank dies, the others fail in their next collective instead of
-        # hanging for torch's default 30 minutes.
-        trainer_kwargs["strategy"] = DDPStrategy(
-            find_unused_parameters=True, timeout=datetime.timedelta(seconds=light.get("ddp_timeout_s", 900)))
+    trainer_kwargs = dict(trainer_kwargs)
     # Checkpoint files are written to a temporary name and renamed: a kill never corrupts last.ckpt.
     trainer_kwargs.setdefault("plugins", [AtomicCheckpointIO()])
     # The sampler shards by rank itself (and must stay resumable): Lightning must not replace it.
@@ -240,9 +255,13 @@ def build_trainer(config: DictConfig, opt, logdir: Path, now: str, resume_ckpt: 
     ckpt_cfg = callbacks_cfg.get("checkpoint", {})
     img_cfg = callbacks_cfg.get("images", {})
     ckpt_dir = logdir / "checkpoints"
+    # The run folder records the hardware as resolved, so `-r` resumes on the same.
+    saved_light = OmegaConf.create(OmegaConf.to_container(light, resolve=True))
+    for key in ("accelerator", "devices", "num_nodes", "strategy"):
+        OmegaConf.update(saved_light, f"trainer.{key}", hardware[key], force_add=True)
     callbacks = [
         RunSetup(str(logdir), now, OmegaConf.masked_copy(config, [k for k in config if k != "lightning"]),
-                 light),
+                 saved_light, hardware),
         ModelCheckpoint(dirpath=ckpt_dir, filename="step-{step:06d}", auto_insert_metric_name=False,
                         every_n_train_steps=ckpt_cfg.get("every_n_steps", 5000), save_top_k=-1, save_last=True,
                         save_on_train_epoch_end=True, enable_version_counter=False),
@@ -250,6 +269,9 @@ def build_trainer(config: DictConfig, opt, logdir: Path, now: str, resume_ckpt: 
                     max_images=img_cfg.get("max_images", 4)),
         EmergencyCheckpoint(ckpt_dir),
     ]
+    if trainer_kwargs.get("enable_progress_bar", True):
+        # The bar reads logged values with .item(): refresh it when they are logged, not every batch.
+        callbacks.append(TQDMProgressBar(refresh_rate=trainer_kwargs.get("log_every_n_steps", 50)))
     logger = False
     if light.get("logger"):
         name = logdir.name
@@ -261,6 +283,34 @@ def build_trainer(config: DictConfig, opt, logdir: Path, now: str, resume_ckpt: 
             defaults.update(name="", version="")
         logger = instantiate_from_config(light.logger, **defaults)
     return pl.Trainer(default_root_dir=str(logdir), logger=logger, callbacks=callbacks, **trainer_kwargs)
+
+
+def check_world_size(ckpt: Path, hardware: dict, config: DictConfig, allow: bool) -> None:
+    """Refuse (or, when allowed, log) a resume on another number of processes: it changes the lr and
+    how the epoch's samples are split, so it is never done silently."""
+    import torch
+
+    from ldm_asym.interop import META_KEY
+
+    try:
+        meta = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False).get(META_KEY, {})
+    except Exception as e:  # noqa: BLE001 - any unreadable file: name it
+        raise ValueError(f"cannot read the checkpoint {ckpt} to resume from ({type(e).__name__}: {e})") from e
+    old = meta.get("hardware")
+    if not old or old["world_size"] == hardware["world_size"]:
+        return
+    params = config.model.params
+    new_lr = old["lr"]
+    if params.get("scale_lr", True) and old.get("lr"):
+        new_lr = old["lr"] / old["world_size"] * hardware["world_size"]
+    change = (f"{ckpt} was trained on {old['world_size']} process(es) x batch {old['batch_size']}; resuming on "
+              f"{hardware['world_size']} changes the lr from {old['lr']:.3g} to {new_lr:.3g} and splits the rest "
+              f"of the epoch's samples {hardware['world_size']} ways (the data position, kept in samples, "
+              f"continues at the same sample of the epoch's permutation)")
+    if not allow:
+        raise ValueError(f"world size changed: {change}. Resume with the recorded hardware "
+                         f"({old['world_size']} processes), or pass --allow-new-world-size to accept this.")
+    print(f"--allow-new-world-size: {change}")
 
 
 def _exit_with_parent() -> None:
@@ -320,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet()
     if int(os.environ.get("LOCAL_RANK", 0)) > 0:
         _exit_with_parent()
+    from ldm_asym.train.launch import job_run_dir, launcher, newest_checkpoint
     from ldm_asym.util import instantiate_from_config
 
     parser = get_parser()
@@ -332,22 +383,29 @@ def main(argv: list[str] | None = None) -> int:
 
     resume_ckpt = None
     base = list(opt.base)
+    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    job = launcher()
     if opt.resume:
         logdir, resume_ckpt = resolve_resume(opt.resume)
-        # The run's own saved configs first, then anything given now (e.g. a longer max_steps).
-        base = sorted(glob.glob(str(logdir / "configs" / "*.yaml"))) + base
-        now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
     else:
         if not base:
             parser.error("give at least one --base config (or -r to resume)")
         name = opt.name or Path(base[-1]).stem
         child = int(os.environ.get("LOCAL_RANK", 0)) > 0  # a DDP process started by rank 0
-        if child and os.environ.get(RUN_DIR_ENV):
+        if job is not None:  # torchrun / srun: one folder per job, found again after a restart
+            logdir = job_run_dir(opt.logdir, name, job)
+            resume_ckpt = newest_checkpoint(logdir)
+            if resume_ckpt is not None:
+                print(f"{job['name']} job {job['key']} restarted: resuming from {resume_ckpt}")
+        elif child and os.environ.get(RUN_DIR_ENV):
             logdir = Path(os.environ[RUN_DIR_ENV])
-            now = logdir.name.split("_", 1)[0]
         else:
-            now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
             logdir = Path(opt.logdir) / f"{now}_{name}"
+    if resume_ckpt is not None:
+        # The run's own saved configs first, then anything given now (e.g. a longer max_steps).
+        base = sorted(glob.glob(str(logdir / "configs" / "*.yaml"))) + base
+    if not opt.resume and resume_ckpt is None:
+        now = logdir.name.split("_", 1)[0]
     os.environ[RUN_DIR_ENV] = str(logdir)
 
     config = OmegaConf.merge(*[load_config(b) for b in base], OmegaConf.from_dotlist(unknown))
@@ -365,10 +423,13 @@ def main(argv: list[str] | None = None) -> int:
     data = instantiate_from_config(config.data)
     data.build()  # missing or empty data fails here, before the VAE is loaded
     model_cfg = config.model.copy()
-    if opt.resume:
+    if resume_ckpt is not None:
         model_cfg.params.vae_source = None  # every weight comes from the checkpoint
+    trainer_kwargs, hardware = trainer_arguments(config, opt)
+    if resume_ckpt is not None:
+        check_world_size(resume_ckpt, hardware, config, opt.allow_new_world_size)
     model = instantiate_from_config(OmegaConf.to_container(model_cfg))
-    trainer = build_trainer(config, opt, logdir, now, resume_ckpt)
+    trainer = build_trainer(config, trainer_kwargs, hardware, logdir, now)
     if not opt.train:
         print(f"config OK; run folder would be {logdir} (add -t to train)")
         return 0

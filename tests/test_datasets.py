@@ -1,6 +1,8 @@
 import logging
 import os
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -444,6 +446,37 @@ def test_file_list_cache_written_reused_and_refreshed(tmp_path, monkeypatch):
     explicit = tmp_path / "lists" / "mine.txt"
     assert len(ImageFolderDataset(root, size=16, cache_file=explicit)) == 5
     assert explicit.is_file() and len(scans) == 5
+
+
+def _list_at_once(root, marks, barrier):
+    """One rank of a job: scans (leaving a mark) only if no other rank's cache is there."""
+    real = ds_mod._scan
+
+    def slow_scan(*args):
+        (Path(marks) / str(os.getpid())).write_text("")
+        time.sleep(0.5)  # a slow shared file system: the others arrive while this one scans
+        return real(*args)
+
+    ds_mod._scan = slow_scan
+    barrier.wait()
+    sys.exit(0 if len(ds_mod.list_images(root)) == 3 else 1)
+
+
+def test_ranks_starting_together_scan_once(tmp_path):
+    import multiprocessing
+
+    root, marks = _folder(tmp_path, n=3), tmp_path / "marks"
+    marks.mkdir()
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(4)
+    procs = [ctx.Process(target=_list_at_once, args=(str(root), str(marks), barrier)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 4
+    assert len(list(marks.iterdir())) == 1  # one rank scanned, three waited and read its cache
+    assert not list(root.glob("*.tmp"))
 
 
 def test_file_list_cache_falls_back_to_home_cache(tmp_path, monkeypatch):

@@ -115,28 +115,56 @@ def _nan_after(monkeypatch, bad_steps):
     monkeypatch.setattr(AsymLoss, "generator_loss", generator_loss)
 
 
-def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
-    seen = []
-    _nan_after(monkeypatch, lambda s: s == 5 and seen.append(s) is None and len(seen) <= 2)
-    main(["--base", TINY, "-t", "-l", str(tmp_path), *FAST, "lightning.trainer.max_steps=12"])
+def test_nonfinite_updates_are_dropped_counted_and_saved_once(tmp_path, monkeypatch):
+    import warnings
+
+    _nan_after(monkeypatch, lambda s: s in (5, 6))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        main(["--base", TINY, "-t", "-l", str(tmp_path), *FAST, "lightning.trainer.max_steps=12",
+              "lightning.callbacks.checkpoint.every_n_steps=5"])
     run = only_run(tmp_path)
     ckpt = load(run / "checkpoints" / "last.ckpt")
-    assert ckpt["global_step"] == 12 and ckpt["ldm_asym"]["batches_seen"] == 14  # 2 batches dropped
+    # A dropped update still counts as a step (as with fp16's GradScaler); both are counted.
+    assert ckpt["global_step"] == 12 and ckpt["ldm_asym"]["batches_seen"] == 12
+    assert ckpt["ldm_asym"]["nonfinite_counts"] == [0, 0, 2, 0]  # G run, D run, G total, D total
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    # One file for the one run of bad updates, holding the weights from before it: step 5 was dropped.
+    assert sum("non-finite generator" in str(w.message) for w in seen) == 1
     before = load(run / "checkpoints" / "before-nonfinite.ckpt")
-    assert before["global_step"] == 5
+    good = load(run / "checkpoints" / "step-000005.ckpt")
+    for k, v in good["state_dict"].items():
+        assert torch.equal(v, before["state_dict"][k]), k
     rows = (run / "metrics.csv").read_text()
-    assert "train/nonfinite_skipped" in rows
+    assert "train/nonfinite_skipped_g" in rows
 
 
 def test_too_many_nonfinite_steps_stop_with_good_checkpoint(tmp_path, monkeypatch):
     _nan_after(monkeypatch, lambda s: s >= 4)
-    with pytest.raises(NonFiniteTrainingError, match="3 non-finite updates in a row"):
+    with pytest.raises(NonFiniteTrainingError, match="3 non-finite generator updates in a row"):
         main(["--base", TINY, "-t", "-l", str(tmp_path), *FAST, "model.params.max_nonfinite_steps=3"])
     run = only_run(tmp_path)
     before = load(run / "checkpoints" / "before-nonfinite.ckpt")
-    assert before["global_step"] == 4
+    assert before["global_step"] == 5  # saved at the check of the first bad step (4), which was dropped
     assert all(torch.isfinite(v).all() for v in before["state_dict"].values() if v.is_floating_point())
+
+
+def test_too_many_nonfinite_discriminator_updates_stop_too(tmp_path, monkeypatch):
+    """D's bad updates are counted on their own: a good G step in the same batch does not reset them."""
+    from ldm_asym.losses import AsymLoss
+
+    real = AsymLoss.discriminator_loss
+
+    def discriminator_loss(self, inputs, reconstructions, step=0):
+        loss, log = real(self, inputs, reconstructions, step=step)
+        return loss * float("nan"), log
+
+    monkeypatch.setattr(AsymLoss, "discriminator_loss", discriminator_loss)
+    with pytest.raises(NonFiniteTrainingError, match="3 non-finite discriminator updates in a row"):
+        main(["--base", TINY, "-t", "-l", str(tmp_path), *FAST, "model.params.max_nonfinite_steps=3",
+              "model.params.loss.params.disc_start=2"])
+    before = load(only_run(tmp_path) / "checkpoints" / "before-nonfinite.ckpt")
+    assert before["ldm_asym"]["nonfinite_counts"] == [0, 1, 0, 1]
 
 
 def _ddp_args(logdir, steps=6):

@@ -16,12 +16,14 @@ import logging
 import math
 import os
 import struct
+import tempfile
 import warnings
 import zlib
 from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
+from filelock import FileLock
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CACHE_NAME = ".ldm_asym_filelist.txt"
 _CACHE_HEADER = "# ldm_asym file list v1 fingerprint="
+_LOCK_TIMEOUT_S = 3600  # scanning 1.28M ImageNet files on a slow shared file system takes minutes
 
 
 class UnusableImageError(Exception):
@@ -252,11 +255,13 @@ def _read_cache(path: str, fingerprint: str) -> list[str] | None:
 
 def _write_cache(path: str, root: str, extensions: tuple[str, ...], files: list[str]) -> bool:
     """Write the list atomically; False if `path` is not writable."""
-    tmp = f"{path}.{os.getpid()}.tmp"
     placeholder = _CACHE_HEADER + "0" * 40
+    tmp = None
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+        # mkstemp: a unique name even when ranks on several nodes share the folder (pids collide).
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+        with open(fd, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
             f.write(placeholder + "\n")
             f.writelines(name + "\n" for name in files)
         os.replace(tmp, path)
@@ -266,7 +271,7 @@ def _write_cache(path: str, root: str, extensions: tuple[str, ...], files: list[
             f.write(_CACHE_HEADER + _fingerprint(root, extensions))
         return True
     except OSError:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
         return False
 
@@ -281,20 +286,39 @@ def list_images(
 
     The cache (`cache_file`, else `<root>/.ldm_asym_filelist.txt`, else under ~/.cache/ldm_asym/)
     is reused while the mtimes of root and its subfolders are unchanged; `refresh` forces a rescan.
+    Processes that start together (the ranks of a job) take turns behind a lock file beside the
+    cache: the first scans and writes it, the others wait and read it.
     """
     root = os.path.abspath(root)
     extensions = _normalise_extensions(extensions)
     caches = [os.fspath(cache_file)] if cache_file is not None else _default_caches(root)
     if not refresh:
-        fingerprint = _fingerprint(root, extensions)
-        for cache in caches:
-            files = _read_cache(cache, fingerprint)
-            if files is not None:
-                return files
-    files = _scan(root, extensions)
-    if not any(_write_cache(cache, root, extensions, files) for cache in caches):
-        log.warning("could not write the file list cache to %s; %s will be rescanned next time", caches, root)
-    return files
+        files = _read_caches(caches, root, extensions)
+        if files is not None:
+            return files
+    files = None
+    for cache in caches:
+        try:
+            with FileLock(cache + ".lock", timeout=_LOCK_TIMEOUT_S):
+                cached = None if refresh else _read_caches([cache], root, extensions)
+                if cached is not None:  # another process wrote it while this one waited
+                    return cached
+                files = _scan(root, extensions) if files is None else files
+                if _write_cache(cache, root, extensions, files):
+                    return files
+        except OSError:  # no lock file here (read-only folder) or a timeout: try the next place
+            continue
+    log.warning("could not write the file list cache to %s; %s will be rescanned next time", caches, root)
+    return files if files is not None else _scan(root, extensions)
+
+
+def _read_caches(caches: list[str], root: str, extensions: tuple[str, ...]) -> list[str] | None:
+    fingerprint = _fingerprint(root, extensions)
+    for cache in caches:
+        files = _read_cache(cache, fingerprint)
+        if files is not None:
+            return files
+    return None
 
 
 class ImageFolderDataset(_FileImageDataset):

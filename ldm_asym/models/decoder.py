@@ -281,6 +281,19 @@ class AsymmetricDecoder(nn.Module):
 
         Inputs are assumed valid here; `AsymmetricAutoencoder.decode` checks them.
         """
+        return self.conv_out(self.features(z, image, mask))
+
+    def compile_features(self, **kwargs) -> None:
+        """`torch.compile` everything but the output conv (names and checkpoints unchanged).
+
+        Why not the whole decoder: the GAN's adaptive weight differentiates the losses w.r.t.
+        `conv_out.weight`; behind one compiled graph that runs the whole decoder's backward twice
+        per step, with conv_out eager it runs only that conv's weight gradient.
+        """
+        self.features = torch.compile(self.features, **kwargs)
+
+    def features(self, z: torch.Tensor, image: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+        """The decoder up to the output conv's input (after the final norm and activation)."""
         h = self._run(self.mid_block, self.conv_in(z))
         conditioned = self.blend != "none" and image is not None and mask is not None
         if conditioned:
@@ -294,4 +307,4 @@ class AsymmetricDecoder(nn.Module):
             h = self._up_level(block, h)
         if conditioned:
             h = self._blend(h, feats[0].to(h.dtype), mask, 0)
-        return self.conv_out(self.conv_act(self.conv_norm_out(h)))
+        return self.conv_act(self.conv_norm_out(h))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -60,9 +61,9 @@ class ImageLogger(pl.Callback):
 class RunSetup(pl.Callback):
     """Creates the run folder and writes the merged configs (rank 0), as latent-diffusion does."""
 
-    def __init__(self, logdir: str, now: str, config, lightning_config):
+    def __init__(self, logdir: str, now: str, config, lightning_config, hardware: dict | None = None):
         self.logdir, self.now = Path(logdir), now
-        self.config, self.lightning_config = config, lightning_config
+        self.config, self.lightning_config, self.hardware = config, lightning_config, hardware
 
     @rank_zero_only
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -71,29 +72,49 @@ class RunSetup(pl.Callback):
         OmegaConf.save(self.config, self.logdir / "configs" / f"{self.now}-project.yaml")
         OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}),
                        self.logdir / "configs" / f"{self.now}-lightning.yaml")
+        if self.hardware is not None:  # for people; -r reads the trainer keys of the lightning config
+            (self.logdir / "configs" / f"{self.now}-hardware.json").write_text(json.dumps(self.hardware, indent=1))
 
 
 class EmergencyCheckpoint(pl.Callback):
-    """`last.ckpt` on SIGUSR1 (at the next batch boundary, so the state is consistent), when
-    training dies with an exception (latent-diffusion's behaviour), so `-r` can continue, and at the
-    end of training (ModelCheckpoint saves only at intervals and epoch ends)."""
+    """`last.ckpt` on SIGUSR1 (at the next batch boundary, so the state is consistent) and at the end
+    of training (ModelCheckpoint saves only at intervals and epoch ends). When training dies with an
+    exception the state is saved to `exception.ckpt` for inspection, never to `last.ckpt`: an
+    exception can come in the middle of a step (G updated, D not), and `-r` or a launcher's restart
+    must continue from the last consistent state.
+
+    The SIGUSR1 handler is installed when training starts, after Lightning's, and calls the handler
+    it replaces: on SLURM, Lightning's auto-requeue (hpc checkpoint + `scontrol requeue`) still runs.
+    """
 
     def __init__(self, ckpt_dir: str | os.PathLike):
         self.path = Path(ckpt_dir) / "last.ckpt"
+        self.exception_path = Path(ckpt_dir) / "exception.ckpt"
         self.requested = False
-        if hasattr(signal, "SIGUSR1"):
-            try:
-                signal.signal(signal.SIGUSR1, self._request)
-            except ValueError:  # not the main thread (e.g. inside a notebook executor)
-                pass
+        self._previous = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not hasattr(signal, "SIGUSR1"):
+            return
+        try:
+            self._previous = signal.signal(signal.SIGUSR1, self._request)
+        except ValueError:  # not the main thread (e.g. inside a notebook executor)
+            pass
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGUSR1, self._previous)
+            self._previous = None
 
     def _request(self, signum, frame) -> None:
         self.requested = True
+        if callable(self._previous):
+            self._previous(signum, frame)
 
-    def _save(self, trainer) -> None:
+    def _save(self, trainer, path: Path | None = None) -> None:
         # No barrier (unlike trainer.save_checkpoint): the signal or the exception may reach one rank only.
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-        trainer.strategy.save_checkpoint(checkpoint, self.path)  # writes on rank 0 only
+        trainer.strategy.save_checkpoint(checkpoint, path or self.path)  # writes on rank 0 only
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.requested:
@@ -108,5 +129,6 @@ class EmergencyCheckpoint(pl.Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if trainer.global_step > 0 and trainer.state.fn == "fit":
-            log.error("training stopped by %s; saving %s", type(exception).__name__, self.path)
-            self._save(trainer)
+            log.error("training stopped by %s; saving %s (last.ckpt keeps the last consistent state)",
+                      type(exception).__name__, self.exception_path)
+            self._save(trainer, self.exception_path)

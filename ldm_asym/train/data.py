@@ -3,7 +3,7 @@
 Why: a resumed run must see exactly the samples, crops and masks the uninterrupted run would
 have seen. Global RNG state does not survive DataLoader workers or a restart, so the sampler
 hands each sample its own seed along with its index, and the datasets draw crops and masks
-from that seed alone. The position inside the epoch is restored from Lightning's batch counter.
+from that seed alone. The position inside the epoch is restored from the module's sample count.
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ from ldm_asym.util import instantiate_from_config
 class ResumableSampler(Sampler):
     """Shuffled (or ordered), DDP-sharded, resumable; yields `(index, sample_seed)` pairs.
 
-    The permutation depends on (seed, epoch) only; `start` skips the first `start` samples of this
-    rank's share once (set when resuming mid-epoch). Each rank gets `len // world` samples (the
-    remainder is dropped so every rank runs the same number of batches).
+    The permutation depends on (seed, epoch) only, and rank r takes its elements r, r + world, ...
+    so after k batches of B per rank the ranks together have consumed exactly the first k·B·world
+    elements. `start` (set once, when resuming mid-epoch) skips that many elements of the
+    permutation, whatever the world size was when they were consumed. Each rank gets the same
+    number of samples (the remainder is dropped so every rank runs the same number of batches).
     """
 
     def __init__(self, length: int, shuffle: bool = True, seed: int = 0, rank: int | None = None,
@@ -48,9 +50,9 @@ class ResumableSampler(Sampler):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.length, generator=g) if self.shuffle else torch.arange(self.length)
         seeds = torch.randint(2**31 - 1, (self.length,), generator=g)
-        mine = order[self.rank: len(self) * self.world_size: self.world_size]
         start, self.start = self.start, 0
-        for i in mine[start:].tolist():
+        end = start + (len(self) * self.world_size - start) // self.world_size * self.world_size
+        for i in order[start + self.rank: end: self.world_size].tolist():
             yield i, int(seeds[i])
 
 
@@ -76,7 +78,7 @@ class DataModule(pl.LightningDataModule):
         self.prefetch_factor = prefetch_factor
         self.train_set = self.val_set = None
         self.sampler: ResumableSampler | None = None
-        self._skip_batches = 0
+        self._skip_samples = 0
 
     def build(self) -> None:
         """Instantiate datasets (clear errors for missing folders) before any weights are loaded."""
@@ -95,17 +97,19 @@ class DataModule(pl.LightningDataModule):
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
         )
 
-    def resume_mid_epoch(self, batches_done: int) -> int:
-        """Skip `batches_done` batches of the next epoch (called when a checkpoint is restored);
-        returns how many will be skipped (0 if the checkpoint was taken at the end of an epoch)."""
+    def resume_mid_epoch(self, samples_done: int) -> int:
+        """Skip the first `samples_done` samples of the next epoch's permutation (all ranks together;
+        called when a checkpoint is restored); returns how many will be skipped (0 if the checkpoint
+        was taken at the end of an epoch, when fewer than one batch per rank is left)."""
         self.build()
-        per_epoch = len(self.train_set) // _world_size() // self.batch_size
-        self._skip_batches = batches_done if batches_done < per_epoch else 0
-        return self._skip_batches
+        world = _world_size()
+        usable = len(self.train_set) // world // self.batch_size * self.batch_size * world
+        self._skip_samples = samples_done if usable - samples_done >= self.batch_size * world else 0
+        return self._skip_samples
 
     def train_dataloader(self) -> DataLoader:
         self.sampler = ResumableSampler(len(self.train_set), shuffle=True, seed=self.seed)
-        self.sampler.start, self._skip_batches = self._skip_batches * self.batch_size, 0
+        self.sampler.start, self._skip_samples = self._skip_samples, 0
         return self._loader(self.train_set, self.batch_size, self.sampler, drop_last=True)
 
     def val_dataloader(self):

@@ -4,6 +4,13 @@ One "step" is one generator update, which with `accumulate_grad_batches: 1` (the
 batch. Lightning would count the discriminator's update too (its `global_step` counts every
 optimizer step), so the D update goes through the strategy without touching the counter:
 `global_step`, `max_steps`, `disc_start`, checkpoint and image intervals all count batches.
+
+Distributed: Lightning's DDP wrapper syncs the generator only. The discriminator is kept out of it
+(its gradients are averaged by hand, once, at the D update), so neither backward all-reduces the
+other's gradients and the generator's DDP needs no `find_unused_parameters` graph walk.
+
+No host-device sync per step: the non-finite verdict stays on the device (fused Adam's `found_inf`
+drops a bad update inside the kernel) and is read, with everything logged, only at logging steps.
 """
 
 from __future__ import annotations
@@ -11,13 +18,16 @@ from __future__ import annotations
 import copy
 import math
 import random
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from torch.nn.parallel import DistributedDataParallel
 
 from ldm_asym import metrics
 from ldm_asym.interop import META_KEY, init_from_vae
@@ -34,10 +44,24 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, start: float, floo
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+# Mixed precision that needs a GradScaler: not supported (see AsymmetricVQGAN.setup).
+FP16_PRECISIONS = ("16", "16-mixed", "16-true")
+
+
 def _numpy_state() -> list:
     # As plain Python values, so checkpoints stay loadable with torch.load(weights_only=True).
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _all_reduce_mean_(grads: list[torch.Tensor]) -> None:
+    """Average `grads` over all ranks in one collective (one flat buffer)."""
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat.div_(dist.get_world_size())
+    torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -64,8 +88,12 @@ class AsymmetricVQGAN(pl.LightningModule):
             train too. With `blend: none` this trains the frozen encoder that stage 2 then uses.
         channels_last, compile: speed switches (NHWC tensors; `torch.compile` of decoder, LPIPS (when
             weighted) and discriminator in place, so checkpoint keys do not change).
-        check_finite, max_nonfinite_steps: skip (and count) updates whose loss or gradients are not
-            finite; stop after this many in a row, keeping `checkpoints/before-nonfinite.ckpt`.
+        check_finite, max_nonfinite_steps: drop (and count, per optimiser) updates whose loss or
+            gradients are not finite on any rank. The verdict stays on the device and is read at
+            logging steps (`trainer.log_every_n_steps`): then the first bad update of each run of
+            them saves `checkpoints/before-nonfinite.ckpt` (a state no bad update touched), and a
+            run of `max_nonfinite_steps` bad G or D updates in a row stops training. A dropped
+            update still counts as a step (as fp16's GradScaler does), so schedules move on.
     """
 
     def __init__(
@@ -109,13 +137,20 @@ class AsymmetricVQGAN(pl.LightningModule):
         # `ema_decoder.*` (export and evaluation read it with use_ema / --ema).
         self.ema_decoder = copy.deepcopy(self.model.decoder).requires_grad_(False) if ema_decay else None
         self._batches_seen = 0  # batches trained on, all epochs (posterior-noise seed)
-        self._epoch_batches = 0  # batches trained on in the current epoch (mid-epoch resume)
-        self._resume_epoch_batches = 0
-        self._micro_batches = 0
-        self._nonfinite_run = self._nonfinite_total = self._first_nonfinite = 0
+        # Samples consumed in the current epoch, all ranks together (mid-epoch resume): a position in
+        # the epoch's permutation that means the same on any number of ranks.
+        self._epoch_samples = 0
+        self._resume_epoch_samples = 0
+        self._micro_batches = 0  # batches since the start of training, for accumulation windows
+        # Non-finite updates, on the device: [G run, D run, G total, D total] (runs = in a row).
+        self.register_buffer("nonfinite_counts", torch.zeros(4, dtype=torch.long), persistent=False)
+        self._seen_counts = [0, 0, 0, 0]  # the counts as last read on the host
         self.lr = None  # set in configure_optimizers, once the world size and batch size are known
 
     # ------------------------------------------------------------------ optimisation
+    def _samples_per_batch(self) -> int:
+        return self._batch_size() * self.trainer.world_size if self._trainer is not None else 0
+
     def _batch_size(self) -> int:
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "batch_size"):
@@ -143,10 +178,10 @@ class AsymmetricVQGAN(pl.LightningModule):
              "name": "pretrained"},
         ]
         groups = [g for g in groups if g["params"]]
-        fused = torch.cuda.is_available() and self.device.type == "cuda"
-        opt_g = torch.optim.Adam(groups, lr=lr, betas=tuple(hp.betas), fused=fused or None)
-        opt_d = torch.optim.Adam(self.loss.discriminator.parameters(), lr=lr, betas=tuple(hp.betas),
-                                 fused=fused or None)
+        # Fused Adam (CPU and CUDA): one kernel per step, and it takes `found_inf`, which is how a
+        # non-finite update is dropped without the host looking at the verdict.
+        opt_g = torch.optim.Adam(groups, lr=lr, betas=tuple(hp.betas), fused=True)
+        opt_d = torch.optim.Adam(self.loss.discriminator.parameters(), lr=lr, betas=tuple(hp.betas), fused=True)
         return [opt_g, opt_d]
 
     def total_steps(self) -> int:
@@ -167,13 +202,33 @@ class AsymmetricVQGAN(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
     def setup(self, stage: str) -> None:
+        precision = str(self.trainer.precision) if self._trainer is not None else ""
+        if precision in FP16_PRECISIONS:
+            raise ValueError(
+                f"lightning.trainer.precision={precision} is not supported: fp16 needs a GradScaler, which "
+                f"does not fit this loop's two optimisers and the GAN's adaptive weight (its gradients "
+                f"underflow in fp16). Use bf16-mixed (Ampere or newer GPUs) or 32-true.")
         if self.hparams.channels_last:
             self.to(memory_format=torch.channels_last)
         if self.hparams.compile:
-            self.model.decoder.compile()
+            # The decoder's output conv stays eager: the adaptive GAN weight differentiates w.r.t.
+            # its weight, which then costs that conv's backward instead of the whole compiled graph's.
+            self.model.decoder.compile_features()
             self.loss.discriminator.compile()
             if self.loss.perceptual_weight > 0:
                 self.loss.perceptual.compile()
+        # Lightning wraps this module in DDP after setup: keep D out of it (see the module docstring).
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self, [f"loss.discriminator.{n}" for n in self.loss.discriminator.state_dict()])
+
+    def on_train_start(self) -> None:
+        # D is outside DDP, so nothing else makes its replicas start equal.
+        if self._distributed():
+            for t in self.loss.discriminator.state_dict().values():
+                dist.broadcast(t, src=0)
+
+    def _distributed(self) -> bool:
+        return self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
 
     def _noise_generator(self, step: int) -> torch.Generator:
         # Posterior noise from (seed, step, rank): identical after a resume, no global RNG involved.
@@ -190,9 +245,13 @@ class AsymmetricVQGAN(pl.LightningModule):
             x, mask = x.contiguous(memory_format=torch.channels_last), mask.contiguous(memory_format=torch.channels_last)
         step = self.global_step  # completed generator updates = batches so far (accumulation 1)
         self._batches_seen += 1
-        self._epoch_batches += 1
+        self._epoch_samples += x.shape[0] * self.trainer.world_size
         self._micro_batches += 1
         boundary = self._micro_batches % hp.accumulate_grad_batches == 0
+        # Between accumulation boundaries nothing is all-reduced.
+        no_sync = getattr(self.trainer.strategy, "block_backward_sync", None)
+        g_sync = nullcontext() if boundary or no_sync is None else no_sync()
+        gan = self.loss.gan_active(step)
 
         # Generator. D's params are toggled off so g_loss leaves no gradient in D.
         self.toggle_optimizer(opt_g)
@@ -202,94 +261,123 @@ class AsymmetricVQGAN(pl.LightningModule):
         rec = self.model.decode(z, image=x, mask=mask, check_inputs=False)
         g_loss, log = self.loss.generator_loss(x, rec, posterior, step=step,
                                                last_layer=self.model.decoder.conv_out.weight)
-        self.manual_backward(g_loss / hp.accumulate_grad_batches)
+        with g_sync:
+            self.manual_backward(self._poisoned(g_loss) / hp.accumulate_grad_batches)
         self.untoggle_optimizer(opt_g)
         if boundary:
-            if not self._finite(g_loss, opt_g):
-                self._skip_nonfinite("generator", step, opt_g, opt_d)
-                return
-            self._set_lr(opt_g, self.lr_at(step))
-            if hp.gradient_clip_val:
-                self.clip_gradients(opt_g, gradient_clip_val=hp.gradient_clip_val, gradient_clip_algorithm="norm")
-            opt_g.step()  # counted by Lightning: global_step += 1
-            opt_g.zero_grad(set_to_none=True)
+            ok = self._step(opt_g, 0, self.lr_at(step), opt_g.step)  # counted by Lightning: global_step += 1
             if self.ema_decoder is not None:
-                self._update_ema()
+                self._update_ema(ok)
 
-        if self.loss.gan_active(step):
+        if gan:
             d_loss, d_log = self.loss.discriminator_loss(x, rec.detach(), step=step)
-            self.manual_backward(d_loss / hp.accumulate_grad_batches)
+            # D is not in the DDP wrapper: its backward must not arm the generator's reducer.
+            with nullcontext() if no_sync is None else no_sync():
+                self.manual_backward(self._poisoned(d_loss) / hp.accumulate_grad_batches)
             log.update(d_log)
             if boundary:
-                if not self._finite(d_loss, opt_d):
-                    self._skip_nonfinite("discriminator", step, opt_d)
-                else:
-                    self._set_lr(opt_d, self.lr_at(step, start_step=self.loss.disc_start))
-                    if hp.gradient_clip_val:
-                        self.clip_gradients(opt_d, gradient_clip_val=hp.gradient_clip_val,
-                                            gradient_clip_algorithm="norm")
-                    # Not opt_d.step(): that would count a second "step" per batch in global_step.
-                    self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=lambda: None, model=self)
-                    opt_d.zero_grad(set_to_none=True)
-        if boundary:
-            self._nonfinite_run = 0
+                if self._distributed():
+                    _all_reduce_mean_([p.grad for p in self.loss.discriminator.parameters() if p.grad is not None])
+                # Not opt_d.step(): that would count a second "step" per batch in global_step.
+                self._step(opt_d, 1, self.lr_at(step, start_step=self.loss.disc_start),
+                           lambda: self.trainer.strategy.optimizer_step(opt_d.optimizer, closure=lambda: None,
+                                                                        model=self))
+        self._last_batch = (x.detach(), mask.detach(), rec.detach())
+        if self.trainer._logger_connector.should_update_logs:
+            self._log_step(log, batch, opt_g, step)
 
+    def _log_step(self, log: dict, batch: dict, opt_g, step: int) -> None:
+        """Logging steps only: Python numbers become device tensors and counts are read here."""
         skipped = batch.get("n_skipped")
         if skipped is not None:
             log["data/skipped"] = skipped.sum().float()
-        log["lr"] = torch.tensor(opt_g.param_groups[0]["lr"])
+        log["lr"] = float(opt_g.param_groups[0]["lr"])
+        log["loss/disc_factor"] = self.loss.disc_factor_at(step)
+        if self.hparams.check_finite:
+            counts = self._check_nonfinite(step)
+            log["train/nonfinite_skipped"] = float(counts[2] + counts[3])
+            log["train/nonfinite_skipped_g"] = float(counts[2])
+            log["train/nonfinite_skipped_d"] = float(counts[3])
         self.log_dict(log, prog_bar=False, logger=True, on_step=True, on_epoch=False, sync_dist=False)
         self.log("loss", log["loss/total"], prog_bar=True, logger=False)
         if "disc/loss" in log:
             self.log("d_loss", log["disc/loss"], prog_bar=True, logger=False)
-        self._last_batch = (x.detach(), mask.detach(), rec.detach())
 
-    # ------------------------------------------------------------------ non-finite steps
-    def _finite(self, loss: torch.Tensor, opt) -> bool:
-        """Loss and gradients finite on every rank (grads are all-reduced, the loss is not: reduce
-        the verdict so all ranks skip together instead of diverging)."""
+    # ------------------------------------------------------------------ updates, non-finite steps
+    def _poisoned(self, loss: torch.Tensor) -> torch.Tensor:
+        """`loss`, scaled by NaN where it is not finite (else by exactly 1): a bad loss on one rank then
+        makes the all-reduced gradients non-finite on every rank, so all ranks drop the update
+        together, with no extra collective and no host sync."""
         if not self.hparams.check_finite:
-            return True
-        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
-        ok = torch.isfinite(loss.detach()).all()
-        if grads and self.trainer.precision not in ("16-mixed", "16"):  # fp16: GradScaler's job
-            ok = ok & torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
-        if self.trainer.world_size > 1:
-            ok = self.all_gather(ok.float()).min() > 0
-        return bool(ok)
+            return loss
+        return loss * (loss.detach() * 0 + 1)
 
-    def _skip_nonfinite(self, what: str, step: int, *opts) -> None:
-        """Drop this update; the model is untouched, so the current state is the last good one."""
-        for opt in opts:
-            opt.zero_grad(set_to_none=True)
-        self._nonfinite_run += 1
-        self._nonfinite_total += 1
-        self.log("train/nonfinite_skipped", float(self._nonfinite_total), on_step=True, logger=True)
+    def _step(self, opt, which: int, lr: float, step_fn) -> torch.Tensor | None:
+        """Clip, then step `opt` unless its gradients are non-finite; `which` 0 = G, 1 = D.
+        Returns the on-device verdict (None when unchecked)."""
+        hp = self.hparams
+        self._set_lr(opt, lr)
+        raw = getattr(opt, "optimizer", opt)
+        params = [p for group in raw.param_groups for p in group["params"] if p.grad is not None]
+        ok = None
+        if hp.gradient_clip_val:
+            # Our own clip, not Lightning's: its precision plugin refuses to clip for fused optimisers.
+            norm = torch.nn.utils.clip_grad_norm_(params, hp.gradient_clip_val, foreach=True)
+        elif hp.check_finite and params:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
+        if hp.check_finite and params:
+            ok = torch.isfinite(norm)
+            counts = self.nonfinite_counts
+            counts[which] = (counts[which] + 1) * (~ok)  # run of bad updates in a row
+            counts[2 + which] += (~ok).long()
+            raw.found_inf = (~ok).float()  # fused Adam skips the whole update when this is 1
+        try:
+            step_fn()
+        finally:
+            raw.__dict__.pop("found_inf", None)
+        opt.zero_grad(set_to_none=True)
+        return ok
+
+    def _check_nonfinite(self, step: int) -> list[int]:
+        """At logging steps: save `before-nonfinite.ckpt` once per new run of bad updates and stop
+        after `max_nonfinite_steps` in a row. Bad updates were never applied, so the current state
+        is a good one. Every rank holds the same counts (the verdict follows all-reduced gradients)."""
+        counts = self.nonfinite_counts.tolist()
         ckpt_dir = getattr(self.trainer.checkpoint_callback, "dirpath", None)
         good = Path(ckpt_dir) / "before-nonfinite.ckpt" if ckpt_dir else None
-        if self._nonfinite_run == 1:
-            self._first_nonfinite = step
-            rank_zero_warn(f"non-finite {what} loss or gradients at step {step}: update skipped")
-            if good is not None:  # no barrier: every rank reaches this line, only rank 0 writes
-                self.trainer.strategy.save_checkpoint(self.trainer._checkpoint_connector.dump_checkpoint(), good)
-        if self._nonfinite_run >= self.hparams.max_nonfinite_steps:
-            raise NonFiniteTrainingError(
-                f"{self._nonfinite_run} non-finite updates in a row (first at step {self._first_nonfinite}); "
-                f"stopping. The state before the first one is in {good}. Lower the lr, enable "
-                f"gradient_clip_val, or check the data.")
+        for which, name in ((0, "generator"), (1, "discriminator")):
+            run, new, last_run = counts[which], counts[2 + which] - self._seen_counts[2 + which], self._seen_counts[which]
+            # The previous run simply went on when the run grew by exactly the new bad updates.
+            if new > 0 and not (last_run > 0 and run == last_run + new):
+                rank_zero_warn(f"{new} non-finite {name} update(s) dropped by step {step}; "
+                               f"saving the current (unaffected) state to {good}")
+                if good is not None:  # no barrier: every rank reaches this line, only rank 0 writes
+                    self.trainer.strategy.save_checkpoint(self.trainer._checkpoint_connector.dump_checkpoint(), good)
+            if run >= self.hparams.max_nonfinite_steps:
+                raise NonFiniteTrainingError(
+                    f"{run} non-finite {name} updates in a row (by step {step}); stopping. None of them "
+                    f"was applied; {good} holds the state from when they began. Lower the lr, enable "
+                    f"gradient_clip_val, or check the data.")
+        self._seen_counts = counts
+        return counts
 
     @torch.no_grad()
-    def _update_ema(self) -> None:
+    def _update_ema(self, ok: torch.Tensor | None) -> None:
         decay = self.hparams.ema_decay
         ema, live = self.ema_decoder.state_dict(), self.model.decoder.state_dict()
         floats = [k for k, v in live.items() if v.dtype.is_floating_point]
-        torch._foreach_lerp_([ema[k] for k in floats], [live[k] for k in floats], 1 - decay)
+        ema_f, live_f = [ema[k] for k in floats], [live[k] for k in floats]
+        if ok is None:
+            torch._foreach_lerp_(ema_f, live_f, 1 - decay)
+        else:  # a dropped update leaves the EMA as it was too (weight 0), decided on the device
+            weight = ok.to(ema_f[0].dtype) * (1 - decay)
+            torch._foreach_add_(ema_f, torch._foreach_mul(torch._foreach_sub(live_f, ema_f), weight))
         for k in live.keys() - set(floats):
             ema[k].copy_(live[k])
 
     def on_train_epoch_start(self) -> None:
-        self._epoch_batches = self._resume_epoch_batches
-        self._resume_epoch_batches = 0
+        self._epoch_samples = self._resume_epoch_samples
+        self._resume_epoch_samples = 0
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict, batch_idx: int):
@@ -317,6 +405,10 @@ class AsymmetricVQGAN(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A checkpoint inside an accumulation window (SIGUSR1, an exception) records the window's
+        # start: a resume replays its micro-batches (data, crops, masks and noise are functions of
+        # the position), since their gradients are not in the checkpoint.
+        into_window = self._micro_batches % self.hparams.accumulate_grad_batches
         meta = {
             # Training draws no global randomness (sampler and noise are seeded), but user code or a
             # library might: restore the generators too so a resume continues them.
@@ -324,10 +416,15 @@ class AsymmetricVQGAN(pl.LightningModule):
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "model_config": self.model.config(),
             "pretrained_names": self.pretrained_names,
-            "batches_seen": self._batches_seen,
-            "epoch_batches": self._epoch_batches,
+            "batches_seen": self._batches_seen - into_window,
+            "epoch_samples": self._epoch_samples - into_window * self._samples_per_batch(),
+            "micro_batches": self._micro_batches - into_window,
+            "nonfinite_counts": self.nonfinite_counts.tolist(),
             "version": __import__("ldm_asym").__version__,
         }
+        if self._trainer is not None:  # what the lr was computed from
+            meta["hardware"] = {"world_size": self.trainer.world_size, "batch_size": self._batch_size(),
+                                "accumulate_grad_batches": self.hparams.accumulate_grad_batches, "lr": self.lr}
         checkpoint[META_KEY] = meta
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -341,10 +438,19 @@ class AsymmetricVQGAN(pl.LightningModule):
                 torch.cuda.set_rng_state_all(rng["cuda"])
         self.pretrained_names = list(meta.get("pretrained_names", self.pretrained_names))
         self._batches_seen = meta.get("batches_seen", 0)
+        self._micro_batches = meta.get("micro_batches", self._batches_seen)
+        counts = meta.get("nonfinite_counts")
+        if counts is not None:
+            self.nonfinite_counts.copy_(torch.tensor(counts))
+            self._seen_counts = list(counts)
         # Resuming mid-epoch: the sampler is deterministic, so skipping what this epoch already
         # consumed continues the exact sample sequence. Our own count, saved with the checkpoint:
         # Lightning saves its batch progress before the batch counts as completed.
-        self._resume_epoch_batches = meta.get("epoch_batches", 0)
+        samples = meta.get("epoch_samples")
+        if samples is None:  # checkpoints of ldm-asym <= 0.1.0 counted batches per rank
+            hw = meta.get("hardware", {})
+            samples = meta.get("epoch_batches", 0) * hw.get("batch_size", 1) * hw.get("world_size", 1)
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is not None and hasattr(dm, "resume_mid_epoch"):
-            self._resume_epoch_batches = dm.resume_mid_epoch(self._resume_epoch_batches)
+            samples = dm.resume_mid_epoch(samples)
+        self._resume_epoch_samples = samples
