@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv test demo clean
+.PHONY: venv test demo gpu-check clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,12 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
+
+# One CUDA GPU, about 6 minutes: CUDA tests, training and decode figures -> gpu_check_out/.
+# The lent GPU machine has no .venv: there run `python3 scripts/gpu_check.py --out $$OUT/gpu`
+# (docs/benchmarks.md, "GPU check", has the wheels to carry).
+gpu-check: $(STAMP)
+	$(BIN)/python scripts/gpu_check.py --out gpu_check_out
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -155,6 +155,8 @@ def check_config(cfg: Any, where: str = "") -> list[str]:
 def validate(config: DictConfig) -> None:
     import pytorch_lightning as pl
 
+    from ldm_asym.train.module import FP16_PRECISIONS, FP16_WHY
+
     problems = [f"unknown top-level key {k!r} (valid: {', '.join(sorted(TOP_LEVEL))})"
                 for k in config if k not in TOP_LEVEL]
     for key in ("model", "data"):
@@ -167,6 +169,9 @@ def validate(config: DictConfig) -> None:
     problems += [f"lightning.trainer.{k}: not a Trainer argument" for k in light.get("trainer", {}) if k not in trainer_keys]
     problems += [f"lightning.callbacks.{k}: unknown (valid: {', '.join(sorted(CALLBACK_KEYS))})"
                  for k in light.get("callbacks", {}) if k not in CALLBACK_KEYS]
+    precision = str(light.get("trainer", {}).get("precision", ""))
+    if precision in FP16_PRECISIONS:  # Lightning would even swap it for bf16 on CPU, silently
+        problems.append(f"lightning.trainer.precision={precision} is not supported: {FP16_WHY}")
     for key in ("model", "data"):
         if key in config:
             problems += check_config(config[key], key)
@@ -238,9 +243,9 @@ def trainer_arguments(config: DictConfig, opt) -> tuple[dict, dict]:
 
 def build_trainer(config: DictConfig, trainer_kwargs: dict, hardware: dict, logdir: Path, now: str):
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+    from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from ldm_asym.train.callbacks import EmergencyCheckpoint, ImageLogger, RunSetup
+    from ldm_asym.train.callbacks import EmergencyCheckpoint, ImageLogger, ProgressBar, RunSetup
     from ldm_asym.train.checkpoint_io import AtomicCheckpointIO
     from ldm_asym.util import instantiate_from_config
 
@@ -270,8 +275,8 @@ def build_trainer(config: DictConfig, trainer_kwargs: dict, hardware: dict, logd
         EmergencyCheckpoint(ckpt_dir),
     ]
     if trainer_kwargs.get("enable_progress_bar", True):
-        # The bar reads logged values with .item(): refresh it when they are logged, not every batch.
-        callbacks.append(TQDMProgressBar(refresh_rate=trainer_kwargs.get("log_every_n_steps", 50)))
+        # Refreshed when values are logged: between logging steps there is nothing new to show.
+        callbacks.append(ProgressBar(refresh_rate=trainer_kwargs.get("log_every_n_steps", 50)))
     logger = False
     if light.get("logger"):
         name = logdir.name

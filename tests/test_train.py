@@ -223,3 +223,181 @@ def test_ema_decoder_is_trained_checkpointed_and_exported(tmp_path):
     with pytest.raises(ValueError, match="no EMA weights"):
         load_autoencoder(run(tmp_path / "plain", "lightning.trainer.max_steps=1",
                              "lightning.trainer.limit_val_batches=0") / "checkpoints" / "last.ckpt", use_ema=True)
+
+
+# ---------------------------------------------------------------------- issue 10: loop at scale
+def test_integer_val_check_interval_spans_epochs(tmp_path):
+    """An epoch of 2 batches, validation every 5: Lightning aborts unless the interval counts batches
+    across epochs (check_val_every_n_epoch=None, which the CLI sets for integer intervals)."""
+    run_dir = run(tmp_path, "data.params.train.params.n_crops=8", "lightning.trainer.val_check_interval=5",
+                  "lightning.trainer.max_steps=6", "lightning.callbacks.checkpoint.every_n_steps=100")
+    val = series(metrics(run_dir), "val/l1")
+    assert list(val) == [4]  # after the 5th batch (Lightning logs it at step index 4), in epoch 2
+
+
+def test_resume_on_another_world_size_is_refused_or_explicit(tmp_path, capsys):
+    run_dir = run(tmp_path, "lightning.trainer.max_steps=3", "lightning.trainer.limit_val_batches=0",
+                  "lightning.trainer.devices=auto", "model.params.scale_lr=true", "model.params.base_learning_rate=1e-5")
+    saved = OmegaConf.load(next((run_dir / "configs").glob("*-lightning.yaml"))).lightning.trainer
+    assert (saved.accelerator, saved.devices, saved.num_nodes) == ("cpu", 1, 1)  # "auto", as resolved
+    with pytest.raises(ValueError, match=r"world size changed: .* trained on 1 process\(es\) x batch 4; resuming on 2 "
+                                         r"changes the lr from 4e-05 to 8e-05.*--allow-new-world-size"):
+        main(["-r", str(run_dir), "-t", *QUIET, "lightning.trainer.devices=2", "lightning.trainer.max_steps=5"])
+    # Allowed explicitly: 2 processes continue the same epoch's permutation at the same sample.
+    cmd = [sys.executable, "main.py", "-r", str(run_dir), "-t", "--allow-new-world-size", *QUIET,
+           "lightning.trainer.devices=2", "lightning.trainer.max_steps=5", "lightning.trainer.limit_val_batches=0"]
+    env = {k: v for k, v in os.environ.items() if k not in ("LDM_ASYM_RUN_DIR", "LOCAL_RANK")}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "--allow-new-world-size: " in out.stdout and "lr from 4e-05 to 8e-05" in out.stdout
+    final = load(run_dir / "checkpoints" / "last.ckpt")
+    assert final["global_step"] == 5 and final["ldm_asym"]["hardware"]["world_size"] == 2
+    assert final["ldm_asym"]["epoch_samples"] == 3 * 4 + 2 * 8
+
+
+def test_sampler_position_is_the_same_sample_on_any_world_size():
+    from ldm_asym.train.data import ResumableSampler
+
+    one = ResumableSampler(50, seed=3, rank=0, world_size=1)
+    order = [i for i, _ in one]
+    consumed = 3 * 4  # 3 batches of 4 on one process
+    rest = []
+    for rank in (0, 1):
+        s = ResumableSampler(50, seed=3, rank=rank, world_size=2)
+        s.start = consumed
+        rest.append([i for i, _ in s])
+    assert len(rest[0]) == len(rest[1]) == (50 - consumed) // 2
+    assert sorted(rest[0] + rest[1]) == sorted(order[consumed:consumed + 2 * len(rest[0])])
+    # Same world size: exactly the uninterrupted rank's tail.
+    s = ResumableSampler(50, seed=3, rank=1, world_size=2)
+    full = [i for i, _ in s]
+    s.start = 2 * 5
+    assert [i for i, _ in s] == full[5:]
+
+
+def _paused(fn, state):
+    def run(*args, **kwargs):
+        on, state["on"] = state["on"], False
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            state["on"] = on
+    return run
+
+
+def test_no_host_sync_outside_logging_steps(tmp_path, monkeypatch):
+    """.item(), bool(tensor), .tolist(), .cpu(), float()/int() of a tensor block the host until the
+    GPU catches up. Count them from one batch start to the next (data loading excluded): only
+    logging batches may have any."""
+    calls, state = {}, {"on": False, "batch": 0}
+    for name in ("item", "__bool__", "tolist", "cpu", "__float__", "__int__", "numpy"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            if state["on"]:
+                calls.setdefault(state["batch"], []).append(_name)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    # Not counted: loading the next batch (sampler, dataset, collate), writing the final checkpoint and
+    # the image grids (their own interval).
+    from torch.utils.data.dataloader import _BaseDataLoaderIter
+
+    from ldm_asym.train.callbacks import ImageLogger
+
+    for cls, name in ((_BaseDataLoaderIter, "__next__"), (AsymmetricVQGAN, "on_save_checkpoint"),
+                      (ImageLogger, "_write")):
+        monkeypatch.setattr(cls, name, _paused(getattr(cls, name), state))
+
+    def on_train_batch_start(self, batch, batch_idx):
+        state["on"], state["batch"] = True, self._batches_seen + 1
+
+    monkeypatch.setattr(AsymmetricVQGAN, "on_train_batch_start", on_train_batch_start, raising=False)
+    monkeypatch.setattr(AsymmetricVQGAN, "on_train_end", lambda self: state.update(on=False), raising=False)
+    assert main(["--base", TINY, "-t", "-l", str(tmp_path), "lightning.trainer.log_every_n_steps=4",
+                 "lightning.trainer.enable_progress_bar=true", "lightning.trainer.max_steps=5",
+                 "lightning.trainer.limit_val_batches=0", "model.params.loss.params.disc_start=2",
+                 "model.params.accumulate_grad_batches=2", "lightning.callbacks.checkpoint.every_n_steps=100",
+                 "lightning.callbacks.images.every_n_steps=100"]) == 0
+    syncing = {b: c for b, c in calls.items() if b % 4 != 0}
+    assert not syncing, syncing
+    assert any(calls.get(b) for b in (4, 8))  # the logging batches do read values (the test can see them)
+
+
+def test_compile_keeps_the_output_conv_out_of_the_graph():
+    """The adaptive GAN weight's gradient w.r.t. conv_out.weight must not run the compiled backward."""
+    from ldm_asym.models import AsymmetricDecoder
+
+    dec = AsymmetricDecoder(up_widths=[32, 32, 16, 16], resnets_per_level=1, norm_num_groups=8)
+    dec.compile_features(backend="aot_eager")
+    z, x = torch.randn(1, 4, 4, 4), torch.rand(1, 3, 32, 32) * 2 - 1
+    m = (torch.rand(1, 1, 32, 32) > 0.5).float()
+    out = dec(z, x, m)
+    assert type(out.grad_fn).__name__.startswith("Convolution")
+    compiled = out.grad_fn.next_functions[0][0]
+    assert "Compiled" in type(compiled).__name__
+    runs = []
+    compiled.register_prehook(lambda grads: runs.append(1))
+    torch.autograd.grad(out.square().mean(), dec.conv_out.weight, retain_graph=True)
+    assert not runs  # only conv_out's own weight gradient
+    out.square().mean().backward()
+    assert runs == [1]
+    assert not any(k.startswith("_orig") or "compile" in k for k in dec.state_dict())  # names unchanged
+
+
+def test_fp16_precision_is_refused_with_the_fast_path_named(tmp_path):
+    for precision in ("16-mixed", "16"):
+        with pytest.raises(ValueError, match=f"precision={precision} is not supported.*bf16-mixed"):
+            main(["--base", TINY, "-t", "-l", str(tmp_path), *QUIET, f"lightning.trainer.precision={precision}"])
+    assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_bf16_mixed_clips_with_fused_adam(tmp_path, monkeypatch):
+    norms = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def clip(params, max_norm, *a, **k):
+        params = list(params)
+        total = real(params, max_norm, *a, **k)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        norms.append((float(total), float(after)))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    run_dir = run(tmp_path, "lightning.trainer.precision=bf16-mixed", "model.params.gradient_clip_val=0.01",
+                  "lightning.trainer.max_steps=4", "model.params.loss.params.disc_start=2",
+                  "lightning.trainer.limit_val_batches=0")
+    ckpt = load(run_dir / "checkpoints" / "last.ckpt")
+    assert all(o["param_groups"][0]["fused"] for o in ckpt["optimizer_states"])
+    assert len(norms) == 4 + 2  # G every step, D from disc_start
+    assert all(after <= 0.01 * 1.001 for _, after in norms) and any(total > 0.01 for total, _ in norms)
+
+
+def test_accumulation_checkpoint_inside_a_window_resumes_exactly(tmp_path, monkeypatch):
+    """accumulate 2: a checkpoint after the 5th batch (mid-window) replays that window on resume,
+    so the result matches the uninterrupted run bit for bit."""
+    args = ["lightning.trainer.max_steps=5", "model.params.accumulate_grad_batches=2",
+            "model.params.loss.params.disc_start=2", "lightning.trainer.limit_val_batches=0",
+            "lightning.callbacks.checkpoint.every_n_steps=100"]
+    straight = run(tmp_path / "a", *args)
+    real = AsymmetricVQGAN.training_step
+    mid = tmp_path / "mid.ckpt"
+
+    def step(self, batch, batch_idx):
+        out = real(self, batch, batch_idx)
+        if self._batches_seen == 5:
+            self.trainer.save_checkpoint(mid)
+            self.trainer.should_stop = True
+        return out
+
+    monkeypatch.setattr(AsymmetricVQGAN, "training_step", step)
+    cut = run(tmp_path / "b", *args)
+    monkeypatch.setattr(AsymmetricVQGAN, "training_step", real)
+    assert load(mid)["ldm_asym"]["micro_batches"] == 4  # the window's start
+    (cut / "checkpoints" / "last.ckpt").unlink()
+    shutil.copy(mid, cut / "checkpoints" / "last.ckpt")
+    assert main(["-r", str(cut), "-t", *QUIET]) == 0
+    a, b = load(straight / "checkpoints" / "last.ckpt"), load(cut / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 5 and b["ldm_asym"]["batches_seen"] == 10
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k

@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 import torchvision
 from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -34,6 +35,7 @@ class ImageLogger(pl.Callback):
 
     def __init__(self, image_dir: str | os.PathLike, every_n_steps: int = 1000, max_images: int = 4):
         self.image_dir, self.every_n_steps, self.max_images = Path(image_dir), every_n_steps, max_images
+        self._last_step = -1
 
     @rank_zero_only
     def _write(self, trainer: pl.Trainer, split: str, batch) -> None:
@@ -50,12 +52,22 @@ class ImageLogger(pl.Callback):
                 logger.log_image(f"{split}/comparison", [grid], step=trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+        step = trainer.global_step  # with gradient accumulation several batches share a step: write once
+        if self.every_n_steps > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step
             self._write(trainer, "train", getattr(pl_module, "_last_batch", None))
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
             self._write(trainer, "val", getattr(pl_module, "_last_val_batch", None))
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's bar, refreshed every `refresh_rate` batches, showing the values the module read at
+    its last logging step (`pl_module.progress`): no tensor is read for the bar between them."""
+
+    def get_metrics(self, trainer, pl_module):
+        return {**super().get_metrics(trainer, pl_module), **getattr(pl_module, "progress", {})}
 
 
 class RunSetup(pl.Callback):

@@ -46,6 +46,9 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, start: float, floo
 
 # Mixed precision that needs a GradScaler: not supported (see AsymmetricVQGAN.setup).
 FP16_PRECISIONS = ("16", "16-mixed", "16-true")
+FP16_WHY = ("fp16 needs a GradScaler, which does not fit this loop's two optimisers and on-device update "
+            "skipping, and the GAN's adaptive weight (gradients at the last layer) underflows in fp16. Use "
+            "bf16-mixed (Ampere or newer GPUs) or 32-true.")
 
 
 def _numpy_state() -> list:
@@ -142,9 +145,11 @@ class AsymmetricVQGAN(pl.LightningModule):
         self._epoch_samples = 0
         self._resume_epoch_samples = 0
         self._micro_batches = 0  # batches since the start of training, for accumulation windows
+        self._window_start_buffers: dict[str, torch.Tensor] = {}
         # Non-finite updates, on the device: [G run, D run, G total, D total] (runs = in a row).
         self.register_buffer("nonfinite_counts", torch.zeros(4, dtype=torch.long), persistent=False)
         self._seen_counts = [0, 0, 0, 0]  # the counts as last read on the host
+        self.progress: dict[str, float] = {}  # shown by the progress bar, updated at logging steps
         self.lr = None  # set in configure_optimizers, once the world size and batch size are known
 
     # ------------------------------------------------------------------ optimisation
@@ -204,13 +209,13 @@ class AsymmetricVQGAN(pl.LightningModule):
     def setup(self, stage: str) -> None:
         precision = str(self.trainer.precision) if self._trainer is not None else ""
         if precision in FP16_PRECISIONS:
-            raise ValueError(
-                f"lightning.trainer.precision={precision} is not supported: fp16 needs a GradScaler, which "
-                f"does not fit this loop's two optimisers and the GAN's adaptive weight (its gradients "
-                f"underflow in fp16). Use bf16-mixed (Ampere or newer GPUs) or 32-true.")
+            raise ValueError(f"lightning.trainer.precision={precision} is not supported: {FP16_WHY}")
         if self.hparams.channels_last:
             self.to(memory_format=torch.channels_last)
         if self.hparams.compile:
+            # The adaptive weight's autograd.grad(..., retain_graph=True) runs through the compiled
+            # LPIPS and D backwards, which refuse retain_graph when they donate buffers.
+            torch._functorch.config.donated_buffer = False
             # The decoder's output conv stays eager: the adaptive GAN weight differentiates w.r.t.
             # its weight, which then costs that conv's backward instead of the whole compiled graph's.
             self.model.decoder.compile_features()
@@ -248,6 +253,10 @@ class AsymmetricVQGAN(pl.LightningModule):
         self._epoch_samples += x.shape[0] * self.trainer.world_size
         self._micro_batches += 1
         boundary = self._micro_batches % hp.accumulate_grad_batches == 0
+        if hp.accumulate_grad_batches > 1 and self._micro_batches % hp.accumulate_grad_batches == 1:
+            # D's BatchNorm statistics at the window's start, for a checkpoint taken inside it (a few
+            # KB, copied on the device).
+            self._window_start_buffers = {n: b.clone() for n, b in self.loss.discriminator.named_buffers()}
         # Between accumulation boundaries nothing is all-reduced.
         no_sync = getattr(self.trainer.strategy, "block_backward_sync", None)
         g_sync = nullcontext() if boundary or no_sync is None else no_sync()
@@ -299,9 +308,11 @@ class AsymmetricVQGAN(pl.LightningModule):
             log["train/nonfinite_skipped_g"] = float(counts[2])
             log["train/nonfinite_skipped_d"] = float(counts[3])
         self.log_dict(log, prog_bar=False, logger=True, on_step=True, on_epoch=False, sync_dist=False)
-        self.log("loss", log["loss/total"], prog_bar=True, logger=False)
+        # For the progress bar (callbacks.ProgressBar): Python numbers, read here once. Logged
+        # prog_bar tensors would be read with .item() after every batch, a sync each time.
+        self.progress = {"loss": float(log["loss/total"])}
         if "disc/loss" in log:
-            self.log("d_loss", log["disc/loss"], prog_bar=True, logger=False)
+            self.progress["d_loss"] = float(log["disc/loss"])
 
     # ------------------------------------------------------------------ updates, non-finite steps
     def _poisoned(self, loss: torch.Tensor) -> torch.Tensor:
@@ -409,6 +420,9 @@ class AsymmetricVQGAN(pl.LightningModule):
         # start: a resume replays its micro-batches (data, crops, masks and noise are functions of
         # the position), since their gradients are not in the checkpoint.
         into_window = self._micro_batches % self.hparams.accumulate_grad_batches
+        if into_window:
+            for name, value in self._window_start_buffers.items():
+                checkpoint["state_dict"][f"loss.discriminator.{name}"] = value
         meta = {
             # Training draws no global randomness (sampler and noise are seeded), but user code or a
             # library might: restore the generators too so a resume continues them.

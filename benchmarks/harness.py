@@ -1,8 +1,10 @@
-"""Benchmarks: our decoder against diffusers' `AsymmetricAutoencoderKL` with the same weights.
+"""Benchmark harness: our decoder against diffusers' `AsymmetricAutoencoderKL` with the same weights.
 
-One process builds our `AsymmetricAutoencoder` for a variant (random weights, seeded) and converts it
-with `ldm_asym.interop.to_diffusers`, so both models hold identical tensors. It then measures, after
-warm-up and as medians of interleaved repeats (ours, reference, ours, reference, ...):
+Not part of the library (`ldm_asym` needs none of it): `scripts/benchmark.py` and
+`scripts/gpu_check.py` use it. One process builds our `AsymmetricAutoencoder` for a variant (random
+weights, seeded) and converts it with `ldm_asym.interop.to_diffusers`, so both models hold identical
+tensors. It then measures, after warm-up and as medians of interleaved repeats (ours, reference,
+ours, reference, ...):
 
 * decode latency with image + mask (`decode(..., check_inputs=False)` against diffusers' `decode`);
 * one full training step: frozen encode, decode with image + mask, L1 + LPIPS + GAN generator loss
@@ -15,17 +17,14 @@ warm-up and as medians of interleaved repeats (ours, reference, ours, reference,
 
 Our fast-path switches (channels_last, torch.compile, gradient checkpointing, bf16 autocast) apply
 to our model; the reference always runs diffusers' defaults in the same dtype (autocast for bf16).
-`data_benchmark` measures the training dataset (JPEG decode with draft mode, crop, mask) per worker.
-
-Run it through `scripts/benchmark.py`; docs/benchmarks.md has the numbers and the commands.
+Data loading is `benchmarks/data.py`, the command line and tables `benchmarks/cli.py`;
+docs/benchmarks.md has the numbers and the commands.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
-import itertools
 import json
 import math
 import os
@@ -33,13 +32,16 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+# The repo root: memory probes run `benchmarks.harness` in subprocesses, which need it on sys.path.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 
 # Decoder variants (DESIGN §3). tiny = configs/tiny.yaml, small enough for CI.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -106,7 +108,7 @@ def machine_info(device: str = "cpu") -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "gpu": None,
-        "loadavg": _loadavg(),
+        "loadavg": loadavg(),
     }
     try:
         import diffusers
@@ -124,7 +126,7 @@ def machine_info(device: str = "cpu") -> dict:
     return info
 
 
-def _loadavg() -> list[float] | None:
+def loadavg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except (OSError, AttributeError):
@@ -206,8 +208,11 @@ def prepare_ours(model, cfg: Config, loss=None):
         if loss is not None:
             loss.to(memory_format=torch.channels_last)
     if cfg.compile:
-        model.decoder.compile()
-        if loss is not None:
+        if loss is None:  # decoding: one graph, output conv included
+            model.decoder.compile()
+        else:  # training: as AsymmetricVQGAN.setup does (output conv eager, no donated buffers)
+            torch._functorch.config.donated_buffer = False
+            model.decoder.compile_features()
             loss.discriminator.compile()
             loss.perceptual.compile()
     return model
@@ -422,8 +427,10 @@ def cpu_peak_rss(cfg: Config, kinds: tuple[str, ...], what: str, lpips_pretraine
     allocation >= 64 KiB to the OS on free (MALLOC_MMAP_THRESHOLD_), so RSS follows live memory
     instead of malloc's cache. Without /proc (not Linux) `peak_mb` is ru_maxrss of the whole probe.
     """
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    code = ("import json, sys; from ldm_asym.benchmark import memory_probe; "
+    # benchmarks/ is no installed package: the probe finds it through PYTHONPATH, whatever the cwd.
+    pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=pythonpath, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    code = ("import json, sys; from benchmarks.harness import memory_probe; "
             "print('@@RESULT@@' + json.dumps(memory_probe(json.loads(sys.argv[1]))))")
     procs = {}
     for kind in kinds:
@@ -457,11 +464,13 @@ def cuda_peak(fn: Callable[[], Any], device: str) -> float:
 
 
 # ---------------------------------------------------------------------- one configuration
-def run_config(cfg: Config, log: Callable[[str], None] = print) -> dict:
+def run_config(cfg: Config, log: Callable[[str], None] = print, models=None) -> dict:
     """Benchmark one configuration; returns a flat dict (RESULT_KEYS plus details).
 
     Fields that a configuration does not measure (`--no-train`, `--no-memory`, `--memory-only`)
-    are None.
+    are None. `models`: (ours, reference) from `build_models` for cfg's variant, to reuse across
+    batch sizes and dtypes (building and converting a large decoder takes seconds); our switches
+    are then applied to `ours` in place, so pass them to eager configurations first.
     """
     device = torch.device(cfg.device)
     if device.type == "cuda":
@@ -470,14 +479,18 @@ def run_config(cfg: Config, log: Callable[[str], None] = print) -> dict:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
         torch.backends.cudnn.allow_tf32 = cfg.tf32
-    result: dict[str, Any] = {"config": asdict(cfg), "label": cfg.label(), "loadavg_start": _loadavg()}
+    if cfg.compile:
+        # Compiled code is cached per code object (the decoder's forward), not per module: a sweep
+        # of configurations would pass dynamo's recompile limit (8) and silently fall back to eager.
+        torch._dynamo.reset()
+    result: dict[str, Any] = {"config": asdict(cfg), "label": cfg.label(), "loadavg_start": loadavg()}
     result.update({k: None for k in RESULT_KEYS})
     result.update(reference_train_img_s=None, train_speedup=None, reference_peak_mem_mb=None)
     lpips_pretrained = _lpips_pretrained()
     result["lpips_trunk"] = "pretrained" if lpips_pretrained else "random (same compute)"
 
     # ---- decode latency and output difference
-    ours, ref = build_models(cfg)
+    ours, ref = models if models is not None else build_models(cfg)
     result["attention_processor"] = type(ref.decoder.mid_block.attentions[0].processor).__name__
     inputs = make_inputs(cfg)
     z, x, m = inputs["z"], inputs["image"], inputs["mask"]
@@ -554,292 +567,14 @@ def run_config(cfg: Config, log: Callable[[str], None] = print) -> dict:
             result[prefix + "rss_before_mb"] = probes[kind]["before_mb"]
         result["peak_mem_kind"] = (f"CPU peak RSS of one {what} step in a fresh subprocess (MB; "
                                    "*_increase_mb: rise over the RSS before the step)")
-    result["loadavg_end"] = _loadavg()
+    result["loadavg_end"] = loadavg()
     return result
 
 
-# ---------------------------------------------------------------------- data loading
-PHOTO_SIZES = ((500, 375), (1024, 768))
-
-
-def make_jpegs(out_dir: str | os.PathLike, photos: str | os.PathLike | None = None, per_size: int = 16,
-               sizes=PHOTO_SIZES, quality: int = 95, seed: int = 0) -> dict[str, Path]:
-    """Write `per_size` photo-like JPEGs of each size in `sizes` to `out_dir/<W>x<H>/`.
-
-    With `photos` (a folder of images, e.g. ../shared/data/inpainting_examples) each JPEG is a
-    random crop of a real photo resized to the target size, plus mild sensor-like noise so that
-    upscaled crops keep a photo's entropy; without, a synthetic scene (gradients, shapes, noise).
-    Returns {"<W>x<H>": folder}.
-    """
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFilter
-
-    rng = np.random.default_rng(seed)
-    sources = []
-    if photos is not None and Path(photos).is_dir():
-        for p in sorted(Path(photos).iterdir()):
-            if p.suffix.lower() in (".png", ".jpg", ".jpeg") and "mask" not in p.stem:
-                with Image.open(p) as im:
-                    sources.append(im.convert("RGB"))
-    folders = {}
-    for w, h in sizes:
-        folder = Path(out_dir) / f"{w}x{h}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_size):
-            if sources:
-                src = sources[i % len(sources)]
-                cw = int(src.width * rng.uniform(0.7, 1.0))
-                ch = min(src.height, int(cw * h / w))
-                x0, y0 = int(rng.integers(0, src.width - cw + 1)), int(rng.integers(0, src.height - ch + 1))
-                im = src.resize((w, h), Image.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
-            else:
-                im = _synthetic_photo(rng, w, h, Image, ImageDraw, ImageFilter)
-            a = np.asarray(im, dtype=np.float32) + rng.normal(0, 3.0, (h, w, 3))
-            Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(folder / f"img_{i:03d}.jpg", quality=quality)
-        folders[f"{w}x{h}"] = folder
-    return folders
-
-
-def _synthetic_photo(rng, w, h, Image, ImageDraw, ImageFilter):
-    import numpy as np
-
-    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
-    base = np.stack([c0 + c1 * xx + c2 * yy for c0, c1, c2 in rng.uniform(0, 255, (3, 3)) / [1, 2, 2]], -1)
-    im = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(im)
-    for _ in range(40):
-        x0, y0 = rng.integers(0, w), rng.integers(0, h)
-        r = int(rng.integers(5, max(w, h) // 4))
-        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0 - r, y0 - r, x0 + r, y0 + r], fill=fill)
-    return im.filter(ImageFilter.GaussianBlur(1.5))
-
-
-def data_benchmark(root: str | os.PathLike | None = None, size: int = 256, photos: str | None = None,
-                   per_size: int = 16, passes: int = 5, workers: int = 0, seed: int = 0,
-                   samples_per_pass: int = 64, log: Callable[[str], None] = print) -> dict:
-    """Images/s of `ImageFolderDataset(..., size, train=True, masks={"preset": "train", "p_full": 0.5})`.
-
-    One process iterating the dataset is what one DataLoader worker does: `img_s_per_worker` is the
-    median over `passes` passes of `samples_per_pass` samples (the files cycled, each sample with
-    its own seed, i.e. crop and mask). Also timed per sample stage (JPEG decode with draft mode, crop +
-    resize, to tensor, mask). Without `root`, photo-like JPEGs of ImageNet sizes (500x375 and
-    1024x768) are generated into a temporary folder, one group per size. `workers` > 0 also times
-    a DataLoader with that many workers (total images/s and per worker).
-    """
-    from PIL import Image
-
-    from ldm_asym.data import ImageFolderDataset
-    from ldm_asym.data import datasets as D
-
-    tmp = None
-    if root is None:
-        tmp = tempfile.TemporaryDirectory(prefix="ldm_asym_bench_jpegs_")
-        groups = make_jpegs(tmp.name, photos=photos, per_size=per_size, seed=seed)
-        source = "real photos re-encoded as JPEG" if photos and Path(photos).is_dir() else "synthetic photo-like JPEGs"
-    else:
-        groups = {Path(root).name: Path(root)}
-        source = str(root)
-    out = {"source": source, "size": size, "groups": {}}
-    try:
-        for name, folder in groups.items():
-            ds = ImageFolderDataset(folder, size=size, train=True, masks={"preset": "train", "p_full": 0.5})
-            n = len(ds)
-            files = [ds.path(i) for i in range(n)]
-            with Image.open(files[0]) as im:
-                px = im.width * im.height
-            nbytes = sum(os.path.getsize(f) for f in files)
-            ds[(0, seed)]  # warm caches (file system, imports)
-            per_pass = max(n, samples_per_pass)  # cycle the files; every sample gets its own crop and mask
-            rates = []
-            for p in range(passes):
-                t0 = time.perf_counter()
-                for i in range(per_pass):
-                    ds[(i % n, seed * 1_000_003 + p * per_pass + i)]
-                rates.append(per_pass / (time.perf_counter() - t0))
-            stages = _stage_times(ds, files, size, seed, D)
-            g = {"images": n, "pixels": px, "bits_per_pixel": round(8 * nbytes / (n * px), 2),
-                 "samples_per_pass": per_pass, "img_s_per_worker": statistics.median(rates), "img_s_all": rates,
-                 "stage_ms": stages}
-            if workers > 0:
-                g.update(_loader_rate(ds, workers, passes, per_pass, seed))
-            out["groups"][name] = g
-            log(f"[data {name}] {g['img_s_per_worker']:.0f} images/s per worker ({n} files, {px / 1e3:.0f} kpx)")
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    out["img_s_per_worker_min"] = min(g["img_s_per_worker"] for g in out["groups"].values())
-    return out
-
-
-def _stage_times(ds, files, size, seed, D) -> dict:
-    """Median ms per sample of each stage of `ImageFolderDataset.__getitem__`."""
-    times = {"decode": [], "crop_resize": [], "to_tensor": [], "mask": []}
-    g = torch.Generator().manual_seed(seed)
-    for i, path in enumerate(files):
-        crop = ds._random_crop(g)
-        t0 = time.perf_counter()
-        im = D.load_image(path, math.ceil(size / crop.scale))
-        t1 = time.perf_counter()
-        im = D.crop_resize(im, size, crop)
-        t2 = time.perf_counter()
-        D.to_tensor(im)
-        t3 = time.perf_counter()
-        ds.masks(seed + i)
-        t4 = time.perf_counter()
-        for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-            times[k].append(dt * 1e3)
-    return {k: round(statistics.median(v), 3) for k, v in times.items()}
-
-
-def _loader_rate(ds, workers: int, passes: int, per_pass: int, seed: int, batch_size: int = 8) -> dict:
-    """A DataLoader with `workers` processes (batches of 8, as training collates): total and per worker."""
-    from torch.utils.data import DataLoader
-
-    keys = [(i % len(ds), seed + i) for i in range(per_pass)]
-    loader = DataLoader(_Keyed(ds, keys), batch_size=batch_size, num_workers=workers, persistent_workers=True)
-    for _ in loader:  # start the workers
-        pass
-    rates = []
-    for _ in range(passes):
-        t0 = time.perf_counter()
-        for _ in loader:
-            pass
-        rates.append(per_pass / (time.perf_counter() - t0))
-    total = statistics.median(rates)
-    return {"loader_workers": workers, "loader_batch_size": batch_size, "loader_img_s": total,
-            "loader_img_s_per_worker": total / workers}
-
-
-class _Keyed(torch.utils.data.Dataset):
-    def __init__(self, ds, keys):
-        self.ds, self.keys = ds, keys
-
-    def __len__(self):
-        return len(self.keys)
-
-    def __getitem__(self, i):
-        return self.ds[self.keys[i]]
-
-
-# ---------------------------------------------------------------------- report
-def _fmt(v, spec: str) -> str:
-    return "–" if v is None else format(v, spec)
-
-
-def table(results: list[dict]) -> str:
-    """Markdown table of the decode / training / memory / accuracy results."""
-    head = ("| configuration | ours ms | diffusers ms | speedup | train img/s ours / diffusers | "
-            "peak MB ours / diffusers | max abs diff | PSNR dB |")
-    lines = [head, "|" + "---|" * 8]
-    for r in results:
-        lines.append(
-            f"| {r['label']} | {_fmt(r['ours_ms'], '.1f')} | {_fmt(r['reference_ms'], '.1f')} | "
-            f"{_fmt(r['speedup'], '.3f')} | {_fmt(r['train_img_s'], '.3g')} / {_fmt(r['reference_train_img_s'], '.3g')} | "
-            f"{_fmt(r['peak_mem_mb'], '.0f')} / {_fmt(r['reference_peak_mem_mb'], '.0f')} | "
-            f"{_fmt(r['max_abs_diff'], '.2e')} | {_fmt(r['psnr_db'], '.1f')} |"
-        )
-    return "\n".join(lines)
-
-
-def data_table(data: dict) -> str:
-    lines = ["| JPEGs | kpx | bits/px | images/s per worker | decode ms | crop+resize ms | to tensor ms | mask ms |",
-             "|" + "---|" * 8]
-    for name, g in data["groups"].items():
-        s = g["stage_ms"]
-        lines.append(f"| {name} | {g['pixels'] / 1e3:.0f} | {g['bits_per_pixel']} | {g['img_s_per_worker']:.0f} | "
-                     f"{s['decode']:.2f} | {s['crop_resize']:.2f} | {s['to_tensor']:.2f} | {s['mask']:.2f} |")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------- CLI
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="scripts/benchmark.py",
-        description="Our asymmetric decoder vs diffusers' AsymmetricAutoencoderKL (same weights): decode "
-                    "latency, training step, peak memory, output difference; optionally data loading.",
-    )
-    p.add_argument("--variant", nargs="+", default=["tiny"], choices=list(VARIANTS))
-    p.add_argument("--size", nargs="+", type=int, default=[256], help="image side (multiple of 8)")
-    p.add_argument("--batch", nargs="+", type=int, default=[1])
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(DTYPES),
-                   help="bf16 = torch.autocast(bf16) for ours and diffusers alike")
-    p.add_argument("--channels-last", action="store_true", help="ours: NHWC model, loss nets and inputs")
-    p.add_argument("--compile", action="store_true", help="ours: torch.compile decoder, LPIPS and discriminator in place")
-    p.add_argument("--checkpointing", action="store_true", help="ours: gradient checkpointing of the decoder")
-    p.add_argument("--no-fast", action="store_true",
-                   help="ours: diffusers' block forwards instead of the decoder's fast paths (A/B runs)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5, help="interleaved timed repeats per model (median)")
-    p.add_argument("--no-train", action="store_true", help="skip the training-step benchmark")
-    p.add_argument("--no-memory", action="store_true", help="skip peak memory (CPU: the subprocesses)")
-    p.add_argument("--memory-only", action="store_true",
-                   help="only the output difference and peak memory (no timing): e.g. large batches")
-    p.add_argument("--tf32", action="store_true", help="CUDA fp32: allow TF32 (off by default: equal outputs)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", nargs="?", const="", default=None, metavar="DIR",
-                   help="data-loading benchmark on the JPEGs in DIR; without DIR, ImageNet-sized JPEGs "
-                        "(500x375, 1024x768) are generated into a temporary folder")
-    p.add_argument("--data-only", action="store_true", help="run only the data-loading benchmark")
-    p.add_argument("--data-size", type=int, default=256)
-    p.add_argument("--data-images", type=int, default=16, help="generated JPEGs per size")
-    p.add_argument("--data-workers", type=int, default=0, help="also time a DataLoader with N workers")
-    p.add_argument("--photos", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data" /
-                                           "inpainting_examples"),
-                   help="real photos to re-encode as JPEGs for --data (synthetic content if missing)")
-    p.add_argument("--json", default=None, metavar="FILE", help="write all results here")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    report: dict[str, Any] = {
-        "machine": machine_info(args.device),
-        "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
-        "settings": {k: v for k, v in vars(args).items() if k != "json"},
-        "results": [],
-    }
-    report["torch"] = report["machine"]["torch"]
-    if not args.data_only:
-        for variant, size, batch, dtype in itertools.product(args.variant, args.size, args.batch, args.dtype):
-            if size % 8:
-                raise SystemExit(f"--size {size} is not a multiple of 8")
-            cfg = Config(variant=variant, size=size, batch=batch, device=args.device, dtype=dtype,
-                         channels_last=args.channels_last, compile=args.compile,
-                         checkpointing=args.checkpointing, fast=not args.no_fast, warmup=args.warmup,
-                         repeats=args.repeats, train=not args.no_train,
-                         memory=args.memory_only or not args.no_memory, timing=not args.memory_only,
-                         tf32=args.tf32, seed=args.seed)
-            report["results"].append(run_config(cfg, log))
-            if args.json:  # keep what is done if a later configuration fails
-                _write_json(args.json, report)
-        if report["results"]:
-            print(table(report["results"]))
-    if args.data is not None or args.data_only:
-        root = args.data or None
-        report["data"] = data_benchmark(root, size=args.data_size, photos=args.photos,
-                                        per_size=args.data_images, workers=args.data_workers,
-                                        seed=args.seed, log=log)
-        print()
-        print(data_table(report["data"]))
-    report["machine"]["loadavg_end"] = _loadavg()
-    if args.json:
-        _write_json(args.json, report)
-    return 0
-
-
-def _write_json(path: str, report: dict) -> None:
+def write_json(path: str | os.PathLike, report: dict) -> None:
+    """Write `report` atomically (temporary file + rename): a crash never leaves half a JSON."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
     os.replace(tmp, path)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
