@@ -353,6 +353,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    # Called in-process by tests too: leave torch's thread count as it was (resume tests compare
+    # runs bit for bit across processes, and thread counts change float reductions).
+    threads = torch.get_num_threads()
+    try:
+        return _main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     plan = SMOKE if args.smoke else GPU
     if args.no_compile:

@@ -9,8 +9,8 @@
 Configs are merged in order, then the dotlist overrides. Runs live in
 `<logdir>/<time>_<name>/{checkpoints,configs,images}`. The run folder records the resolved
 hardware (accelerator, devices, nodes, strategy, world size); -r reuses it unless overridden.
-Under torchrun or SLURM every rank uses the job's one run folder, and a restart or requeue of the
-same job resumes from its newest checkpoint.
+Under torchrun or SLURM every rank uses the job's one run folder, and a relaunch or requeue of the
+same job (torchrun: same --rdzv-id; SLURM: same job id) resumes from its newest checkpoint.
 """
 
 from __future__ import annotations

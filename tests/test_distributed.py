@@ -189,24 +189,54 @@ def test_ddp_syncs_g_and_d_separately_and_ranks_agree(tmp_path, spelling, accumu
     assert load(run / "checkpoints" / "last.ckpt")["global_step"] == steps
 
 
-def test_torchrun_trains_in_one_folder_and_a_restart_resumes(tmp_path):
-    """torchrun --nproc_per_node 2 main.py ...: rank 1 is killed at step 7 of the first attempt;
-    torchrun restarts both ranks, which find the job's run folder and resume from step 5."""
+def test_torchrun_trains_in_one_folder_and_a_relaunch_resumes(tmp_path):
+    """torchrun --nproc_per_node 2 main.py ...: rank 1 is killed at step 7; the same job launched
+    again (same --rdzv-id, as a scheduler's retry does) finds its run folder and resumes from step 5."""
     logs = tmp_path / "logs"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
-           "--master_port", str(_free_port()), _wrapper(tmp_path), "--base", TINY, "-t", "-l", str(logs), *FAST,
-           "lightning.trainer.max_steps=10", "lightning.callbacks.checkpoint.every_n_steps=5",
-           "model.params.loss.params.disc_start=3"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "job-17", _wrapper(tmp_path),
+           "--base", TINY, "-t", "-l", str(logs), *FAST, "lightning.trainer.max_steps=10",
+           "lightning.callbacks.checkpoint.every_n_steps=5", "model.params.loss.params.disc_start=3"]
     out = subprocess.run(cmd, env=_env(tmp_path, DIE_AT_STEP="7", DIE_RANK="1"), cwd=REPO, capture_output=True,
-                         text=True, timeout=400)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+                         text=True, timeout=300)
+    assert out.returncode != 0
     run = _only_run(logs)
-    assert "restarted: resuming from" in out.stdout + out.stderr and "last.ckpt" in out.stdout + out.stderr
+    assert load(run / "checkpoints" / "last.ckpt")["global_step"] == 5  # never the half step of the crash
+    cmd[cmd.index("--rdzv-endpoint") + 1] = f"127.0.0.1:{_free_port()}"
+    out = subprocess.run(cmd, env=_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert _only_run(logs) == run
+    assert "torchrun job torchrun-job-17 restarted: resuming from" in out.stdout + out.stderr
     final = load(run / "checkpoints" / "last.ckpt")
     assert final["global_step"] == 10 and final["ldm_asym"]["batches_seen"] == 10
     r0, r1 = _ranks(tmp_path)
-    assert r0["batches"][0]["batch"] == 6  # the restart continued after step 5, not from 0
+    assert r0["batches"][0]["batch"] == 6  # continued after step 5, not from 0
     assert r0["g"] == r1["g"] and r0["d"] == r1["d"]
+
+
+def test_launcher_job_keys(monkeypatch):
+    """A job's key survives restarts (same SLURM job / torchrun run id / agent) and differs between jobs."""
+    from ldm_asym.train.launch import launcher
+
+    for k in list(os.environ):
+        if k.startswith(("SLURM_", "TORCHELASTIC_")):
+            monkeypatch.delenv(k)
+    assert launcher() is None
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # plain `torchrun` without --rdzv-id
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "3")
+    job = launcher()
+    assert job["name"] == "torchrun" and (job["world_size"], job["local_world_size"], job["nodes"], job["rank"]) == (4, 2, 2, 3)
+    assert job["key"].startswith(f"torchrun-agent{os.getppid()}-") and job["key"] == launcher()["key"]
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
+    assert launcher()["key"] == "torchrun-job7"
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    for k, v in dict(SLURM_NTASKS="16", SLURM_NNODES="2", SLURM_PROCID="9", SLURM_JOB_ID="55", SLURM_JOB_NAME="x",
+                     SLURM_ARRAY_JOB_ID="50", SLURM_ARRAY_TASK_ID="3").items():
+        monkeypatch.setenv(k, v)
+    job = launcher()
+    assert (job["name"], job["local_world_size"], job["nodes"], job["rank"], job["key"]) == ("slurm", 8, 2, 9, "slurm-50_3")
 
 
 def test_slurm_tasks_train_in_one_folder(tmp_path):
