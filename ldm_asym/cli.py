@@ -211,16 +211,19 @@ def check_paths(config: DictConfig) -> None:
 
 # ---------------------------------------------------------------------- run folder
 def resolve_resume(resume: str) -> tuple[Path, Path]:
+    """(run folder, checkpoint). A damaged `last.ckpt` of a run folder falls back to the newest
+    intact `step-*.ckpt` (logged); a damaged file named explicitly is an error that offers it."""
+    from ldm_asym.train.checkpoint_io import usable_checkpoint
+
     path = Path(resume)
     if not path.exists():
         raise FileNotFoundError(f"cannot resume: {resume} does not exist")
     if path.is_file():  # <run>/checkpoints/<file>.ckpt
-        logdir, ckpt = path.parent.parent, path
-    else:
-        logdir, ckpt = path, path / "checkpoints" / "last.ckpt"
+        return path.parent.parent, usable_checkpoint(path, fallback=False)
+    ckpt = path / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
         raise FileNotFoundError(f"cannot resume: no checkpoint at {ckpt}")
-    return logdir, ckpt
+    return path, usable_checkpoint(ckpt, fallback=True)
 
 
 def trainer_arguments(config: DictConfig, opt) -> tuple[dict, dict]:
@@ -375,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet()
     if int(os.environ.get("LOCAL_RANK", 0)) > 0:
         _exit_with_parent()
+    from ldm_asym.train.checkpoint_io import usable_checkpoint
     from ldm_asym.train.launch import job_run_dir, launcher, newest_checkpoint
     from ldm_asym.util import instantiate_from_config
 
@@ -401,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             logdir = job_run_dir(opt.logdir, name, job)
             resume_ckpt = newest_checkpoint(logdir)
             if resume_ckpt is not None:
+                resume_ckpt = usable_checkpoint(resume_ckpt, fallback=True)
                 print(f"{job['name']} job {job['key']} restarted: resuming from {resume_ckpt}")
         elif child and os.environ.get(RUN_DIR_ENV):
             logdir = Path(os.environ[RUN_DIR_ENV])
@@ -408,7 +413,13 @@ def main(argv: list[str] | None = None) -> int:
             logdir = Path(opt.logdir) / f"{now}_{name}"
     if resume_ckpt is not None:
         # The run's own saved configs first, then anything given now (e.g. a longer max_steps).
-        base = sorted(glob.glob(str(logdir / "configs" / "*.yaml"))) + base
+        saved = sorted(glob.glob(str(logdir / "configs" / "*.yaml")))
+        if not saved:  # a checkpoint outside a run folder: a new run, from the configs given now
+            if not base:
+                parser.error(f"{resume_ckpt} is not inside a run folder (<run>/checkpoints/, with <run>/configs/"
+                             f"*.yaml): also give the configs it was trained with, -r {resume_ckpt} --base config.yaml")
+            logdir = Path(opt.logdir) / f"{now}_{Path(base[-1]).stem}"
+        base = saved + base
     if not opt.resume and resume_ckpt is None:
         now = logdir.name.split("_", 1)[0]
     os.environ[RUN_DIR_ENV] = str(logdir)

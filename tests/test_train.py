@@ -401,3 +401,50 @@ def test_accumulation_checkpoint_inside_a_window_resumes_exactly(tmp_path, monke
     assert a["global_step"] == b["global_step"] == 5 and b["ldm_asym"]["batches_seen"] == 10
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
+
+
+def test_a_failed_resume_leaves_the_run_resumable_exactly(tmp_path):
+    """-r with an override that breaks the first step: last.ckpt and the run's configs stay as they
+    were, so a plain -r afterwards matches the uninterrupted run bit for bit."""
+    straight = run(tmp_path / "a")
+    cut = tmp_path / "b" / "cut_tiny"
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "configs", cut / "configs")
+    shutil.copy(straight / "checkpoints" / "step-000010.ckpt", cut / "checkpoints" / "last.ckpt")
+    configs = sorted(p.name for p in (cut / "configs").iterdir())
+    with pytest.raises((RuntimeError, ValueError)):  # 60 px crops do not fit the 8x latent grid
+        main(["-r", str(cut), "-t", *QUIET, "data.params.train.params.size=60"])
+    assert sorted(p.name for p in (cut / "configs").iterdir()) == configs  # the bad override was not kept
+    assert load(cut / "checkpoints" / "last.ckpt")["global_step"] == 10
+    assert (cut / "checkpoints" / "exception.ckpt").is_file()
+    assert main(["-r", str(cut), "-t", *QUIET]) == 0
+    a, b = load(straight / "checkpoints" / "last.ckpt"), load(cut / "checkpoints" / "last.ckpt")
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "text"])
+def test_a_damaged_last_ckpt_names_the_file_and_falls_back(tmp_path, damage, capsys):
+    run_dir = run(tmp_path, "lightning.trainer.max_steps=4", "lightning.callbacks.checkpoint.every_n_steps=2",
+                  "lightning.trainer.limit_val_batches=0")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    data = last.read_bytes()
+    last.write_bytes({"truncated": data[: len(data) // 3], "empty": b"", "text": b"not a checkpoint\n"}[damage])
+    with pytest.raises(ValueError, match=f"cannot resume from {last}.*newest intact checkpoint is .*step-000004.ckpt"):
+        main(["-r", str(last), "-t", *QUIET])
+    assert main(["-r", str(run_dir), "-t", *QUIET, "lightning.trainer.max_steps=6",
+                 "lightning.trainer.limit_val_batches=0"]) == 0
+    assert f"cannot resume from {last}" in capsys.readouterr().out
+    assert load(last)["global_step"] == 6  # continued from step-000004.ckpt
+
+
+def test_resume_from_a_checkpoint_outside_a_run_folder(tmp_path):
+    run_dir = run(tmp_path / "a", "lightning.trainer.max_steps=2", "lightning.trainer.limit_val_batches=0")
+    lone = tmp_path / "lone.ckpt"
+    shutil.copy(run_dir / "checkpoints" / "last.ckpt", lone)
+    with pytest.raises(SystemExit):
+        main(["-r", str(lone), "-t", *QUIET])
+    assert main(["-r", str(lone), "--base", TINY, "-t", "-l", str(tmp_path / "b"), *QUIET,
+                 "lightning.trainer.max_steps=4", "lightning.trainer.limit_val_batches=0"]) == 0
+    new_run = next((tmp_path / "b").iterdir())
+    assert load(new_run / "checkpoints" / "last.ckpt")["global_step"] == 4

@@ -71,16 +71,30 @@ class ProgressBar(TQDMProgressBar):
 
 
 class RunSetup(pl.Callback):
-    """Creates the run folder and writes the merged configs (rank 0), as latent-diffusion does."""
+    """Creates the run folder and writes the merged configs (rank 0), as latent-diffusion does.
+
+    The configs are written once the first training batch has completed: a resume whose overrides
+    break training (a bad crop size, a mismatched blend) leaves the run's configs as they were, so
+    a plain `-r` still works.
+    """
 
     def __init__(self, logdir: str, now: str, config, lightning_config, hardware: dict | None = None):
         self.logdir, self.now = Path(logdir), now
         self.config, self.lightning_config, self.hardware = config, lightning_config, hardware
+        self._written = False
 
     @rank_zero_only
     def setup(self, trainer, pl_module, stage: str) -> None:
         for sub in ("checkpoints", "configs", "images"):
             (self.logdir / sub).mkdir(parents=True, exist_ok=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._written:
+            self._written = True
+            self._write()
+
+    @rank_zero_only
+    def _write(self) -> None:
         OmegaConf.save(self.config, self.logdir / "configs" / f"{self.now}-project.yaml")
         OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}),
                        self.logdir / "configs" / f"{self.now}-lightning.yaml")

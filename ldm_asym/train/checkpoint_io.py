@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointWriteError(OSError):
@@ -45,3 +48,37 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
         atomic_torch_save(checkpoint, path)
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why training cannot resume from `path` (None when it loads as a training checkpoint). Cheap:
+    torch.load memory-maps the file."""
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - truncated, empty, another format: say what torch said
+        return f"it cannot be read ({type(e).__name__}: {str(e)[:200]}); truncated or not a checkpoint"
+    if not isinstance(obj, dict) or not {"state_dict", "global_step"} <= obj.keys():
+        return "it is not a training checkpoint (no state_dict / global_step)"
+    return None
+
+
+def usable_checkpoint(ckpt: Path, fallback: bool) -> Path:
+    """`ckpt` if it loads; else, with `fallback`, the newest intact `step-*.ckpt` beside it (logged),
+    and without, an error that names both files."""
+    problem = checkpoint_problem(ckpt)
+    if problem is None:
+        return ckpt
+    why = f"cannot resume from {ckpt}: {problem}"
+    intact = next((p for p in sorted(ckpt.parent.glob("step-*.ckpt"), reverse=True)
+                   if p != ckpt and checkpoint_problem(p) is None), None)
+    if intact is None:
+        raise CheckpointReadError(f"{why}; no intact step-*.ckpt in {ckpt.parent} either")
+    if not fallback:
+        raise CheckpointReadError(f"{why}. The newest intact checkpoint is {intact}: resume with -r {intact}")
+    log.warning("%s; resuming from the newest intact checkpoint, %s", why, intact)
+    print(f"warning: {why}; resuming from the newest intact checkpoint, {intact}")
+    return intact
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint to resume from is damaged or not a training checkpoint."""
