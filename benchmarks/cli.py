@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from benchmarks.data import data_benchmark
-from benchmarks.harness import DTYPES, VARIANTS, Config, loadavg, machine_info, run_config, write_json
+from benchmarks.harness import (DTYPES, VARIANTS, Config, keeps_torch_threads, loadavg, machine_info, run_config,
+                                write_json)
 
 
 def _fmt(v, spec: str) -> str:
@@ -84,17 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@keeps_torch_threads
 def main(argv=None) -> int:
-    # Called in-process by tests too: leave torch's thread count as it was (resume tests compare
-    # runs bit for bit across processes, and thread counts change float reductions).
-    threads = torch.get_num_threads()
-    try:
-        return _main(argv)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

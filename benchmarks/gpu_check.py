@@ -34,7 +34,8 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.harness import PSNR_CAP_DB, REPO_ROOT, Config, build_models, machine_info, run_config, write_json
+from benchmarks.harness import (PSNR_CAP_DB, REPO_ROOT, Config, build_models, keeps_torch_threads, machine_info,
+                                run_config, write_json)
 from benchmarks.train_run import CONFIGS, synthetic_config, train_run
 
 SECTIONS = ("environment", "pytest_cuda", "train_base", "train_large_2x", "decode")
@@ -352,17 +353,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@keeps_torch_threads
 def main(argv=None) -> int:
-    # Called in-process by tests too: leave torch's thread count as it was (resume tests compare
-    # runs bit for bit across processes, and thread counts change float reductions).
-    threads = torch.get_num_threads()
-    try:
-        return _main(argv)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _main(argv=None) -> int:
     args = parse_args(argv)
     plan = SMOKE if args.smoke else GPU
     if args.no_compile:

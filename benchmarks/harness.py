@@ -24,6 +24,7 @@ docs/benchmarks.md has the numbers and the commands.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import math
@@ -90,6 +91,21 @@ class Config:
 
 
 # ---------------------------------------------------------------------- machine
+def keeps_torch_threads(main):
+    """For CLI mains that tests also call in-process: leave torch's thread count as it was (resume
+    tests compare runs bit for bit across processes, and thread counts change float reductions)."""
+
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        threads = torch.get_num_threads()
+        try:
+            return main(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
+
+
 def machine_info(device: str = "cpu") -> dict:
     """CPU model, cores, threads, GPU name, library versions, load average."""
     cpu = platform.processor() or platform.machine()
