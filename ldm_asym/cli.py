@@ -18,19 +18,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import glob
-import inspect
 import os
 import sys
-import types
-import typing
 from pathlib import Path
-from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-TOP_LEVEL = {"model", "data", "lightning", "paths"}
-LIGHTNING_KEYS = {"trainer", "logger", "callbacks", "ddp_timeout_s"}
-CALLBACK_KEYS = {"checkpoint", "images"}
+# Config loading and checks live in ldm_asym.config; re-exported here (tests and scripts import them from cli).
+from ldm_asym.config import (  # noqa: F401
+    CALLBACK_KEYS, LIGHTNING_KEYS, TOP_LEVEL, _signature, _type_problem, check_config, check_paths, load_config,
+    validate,
+)
+
 RUN_DIR_ENV = "LDM_ASYM_RUN_DIR"  # DDP children re-run this script; they must reuse rank 0's folder
 
 
@@ -77,136 +76,6 @@ def parse_gpus(gpus: str | None) -> dict:
     except ValueError:
         raise ValueError(f"--gpus takes comma-separated integer ids; got {gpus!r}") from None
     return {"accelerator": "gpu", "devices": devices}
-
-
-# ---------------------------------------------------------------------- config checks
-def _signature(target: str) -> tuple[set[str] | None, dict]:
-    """(accepted keyword names or None for **kwargs, resolved type hints) of a target."""
-    from ldm_asym.util import get_obj_from_str
-
-    obj = get_obj_from_str(target)
-    fn = obj.__init__ if inspect.isclass(obj) else obj
-    sig = inspect.signature(fn)
-    try:
-        hints = typing.get_type_hints(fn)
-    except Exception:  # unresolvable annotations in third-party code: check names only
-        hints = {}
-    if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
-        return None, hints
-    return {n for n in sig.parameters if n != "self"}, hints
-
-
-def _type_problem(hint: Any, value: Any) -> str | None:
-    """Why `value` does not fit a simple annotation (bool/int/float/str/Literal/Optional), or None."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Literal:
-        return None if value in args else f"must be one of {', '.join(map(str, args))}; got {value!r}"
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        problems = [_type_problem(a, value) for a in args if a is not type(None)]
-        return None if any(p is None for p in problems) else problems[0]
-    checks = {bool: (lambda v: isinstance(v, bool), "true or false"),
-              int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
-              float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
-              str: (lambda v: isinstance(v, str), "a string")}
-    if hint in checks and value is not None:
-        ok, what = checks[hint]
-        return None if ok(value) else f"must be {what}; got {value!r}"
-    return None
-
-
-def check_config(cfg: Any, where: str = "") -> list[str]:
-    """Unknown keys and unimportable targets anywhere in `{target, params}` nodes (typos)."""
-    problems = []
-    if isinstance(cfg, DictConfig):
-        if "target" in cfg or "params" in cfg:
-            if "target" not in cfg:
-                return [f"{where or 'config'}: has params but no 'target'"]
-            extra = set(cfg.keys()) - {"target", "params"}
-            if extra:
-                problems.append(f"{where}: unknown keys {sorted(extra)} next to target/params")
-            try:
-                valid, hints = _signature(cfg.target)
-            except ValueError as e:
-                return problems + [f"{where}.target: {e}"]
-            params = cfg.get("params") or {}
-            for key in params:
-                if valid is not None and key not in valid:
-                    problems.append(f"{where}.params.{key}: unknown parameter of {cfg.target} "
-                                    f"(valid: {', '.join(sorted(valid))})")
-                elif key in hints and not OmegaConf.is_interpolation(params, key):
-                    value = params[key]
-                    if not isinstance(value, (DictConfig, ListConfig)):
-                        why = _type_problem(hints[key], value)
-                        if why:
-                            problems.append(f"{where}.params.{key}: {why}")
-            for key in params:
-                problems += check_config(params[key], f"{where}.params.{key}")
-        else:
-            for key in cfg:
-                problems += check_config(cfg[key], f"{where}.{key}".lstrip("."))
-    elif isinstance(cfg, ListConfig):
-        for i, item in enumerate(cfg):
-            problems += check_config(item, f"{where}[{i}]")
-    return problems
-
-
-def validate(config: DictConfig) -> None:
-    import pytorch_lightning as pl
-
-    from ldm_asym.train.module import FP16_PRECISIONS, FP16_WHY
-
-    problems = [f"unknown top-level key {k!r} (valid: {', '.join(sorted(TOP_LEVEL))})"
-                for k in config if k not in TOP_LEVEL]
-    for key in ("model", "data"):
-        if key not in config:
-            problems.append(f"config has no '{key}' section")
-    light = config.get("lightning", {})
-    problems += [f"lightning.{k}: unknown key (valid: {', '.join(sorted(LIGHTNING_KEYS))})"
-                 for k in light if k not in LIGHTNING_KEYS]
-    trainer_keys = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
-    problems += [f"lightning.trainer.{k}: not a Trainer argument" for k in light.get("trainer", {}) if k not in trainer_keys]
-    problems += [f"lightning.callbacks.{k}: unknown (valid: {', '.join(sorted(CALLBACK_KEYS))})"
-                 for k in light.get("callbacks", {}) if k not in CALLBACK_KEYS]
-    precision = str(light.get("trainer", {}).get("precision", ""))
-    if precision in FP16_PRECISIONS:  # Lightning would even swap it for bf16 on CPU, silently
-        problems.append(f"lightning.trainer.precision={precision} is not supported: {FP16_WHY}")
-    for key in ("model", "data"):
-        if key in config:
-            problems += check_config(config[key], key)
-    if "logger" in light:
-        problems += check_config(light.logger, "lightning.logger")
-    if problems:
-        raise ValueError("config problems:\n  " + "\n  ".join(problems))
-
-
-def load_config(path: str | os.PathLike) -> DictConfig:
-    """A YAML config; `inherit: other.yaml` (relative to this file) is merged underneath it first,
-    so variants state only what differs from the recipe (one place for each fact)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config not found: {path}")
-    cfg = OmegaConf.load(path)
-    parent = cfg.pop("inherit", None)
-    return OmegaConf.merge(load_config(path.parent / parent), cfg) if parent else cfg
-
-
-def check_paths(config: DictConfig) -> None:
-    """Missing SD VAE / data folders fail here, before any weights are loaded or files scanned."""
-    from ldm_asym.interop import HUB_ID
-
-    src = OmegaConf.select(config, "model.params.vae_source")
-    if src is not None and not Path(src).exists() and not HUB_ID.match(str(src)):
-        raise FileNotFoundError(
-            f"SD VAE not found: {src}. Point model.params.vae_source (or paths.sd_vae) at a diffusers VAE "
-            f"folder, an SD checkpoint, or a Hub id such as stabilityai/sd-vae-ft-mse")
-    for split in ("train", "validation"):
-        root = OmegaConf.select(config, f"data.params.{split}.params.root")
-        if root is not None and not Path(root).is_dir():
-            raise FileNotFoundError(
-                f"{split} data folder not found: {root}. Set data.params.{split}.params.root "
-                f"(or paths.imagenet for the ImageNet configs)")
 
 
 # ---------------------------------------------------------------------- run folder

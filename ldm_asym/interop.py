@@ -26,6 +26,8 @@ VAE_PREFIXES = ("first_stage_model.", "vae.", "model.", "autoencoder.", "")
 DROPPED = re.compile(r"^(loss\.|discriminator\.|decoder\.up_layers\.)")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# Keys every VAE layout has (diffusers and LDM alike), so a prefix is only taken when it holds a VAE.
+VAE_MARKERS = ("encoder.conv_in.", "encoder.conv_out.", "decoder.conv_in.", "decoder.conv_out.")
 # Our training checkpoints carry this key: the model config and, optionally, EMA weights.
 META_KEY = "ldm_asym"
 
@@ -35,29 +37,94 @@ class WeightsMismatchError(ValueError):
 
 
 # ---------------------------------------------------------------------- reading files
+_ZIP_MAGIC = b"PK\x03\x04"
+# torch's legacy (pre-1.6) format starts with the pickled magic number 0x1950a86a20f9469cfc6c.
+_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")  # after the protocol/frame header
+
+
+def _sniff(path: Path) -> str:
+    """What a file looks like from its first bytes: zip (torch's format), legacy (torch < 1.6),
+    pickle (a plain Python pickle, not written by torch.save), safetensors, or unknown."""
+    with open(path, "rb") as f:
+        head = f.read(32)
+    if head.startswith(_ZIP_MAGIC):
+        return "zip"
+    if head[:1] == b"\x80" and _LEGACY_MAGIC in head:
+        return "legacy"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    if len(head) >= 9 and head[8:9] == b"{":
+        n = int.from_bytes(head[:8], "little")
+        if 0 < n <= path.stat().st_size - 8:
+            return "safetensors"
+    return "unknown"
+
+
+def _protocol(path: Path) -> int:
+    with open(path, "rb") as f:
+        return f.read(2)[1]
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated headers
+        raise ValueError(f"cannot read {path} as safetensors (truncated or not a safetensors file): {e}") from e
+
+
+def _not_torch(path: Path, kind: str, e: BaseException | None = None) -> ValueError:
+    what = {"pickle": "a plain Python pickle, not a file written by torch.save",
+            "unknown": "unrecognised content: truncated, or another file type",
+            "zip": "a zip archive torch cannot read: truncated, corrupt or not written by torch.save",
+            "legacy": "a damaged legacy torch file: truncated or corrupt"}[kind]
+    detail = f" ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})" if e is not None else ""
+    return ValueError(f"{path} is not a readable torch checkpoint ({what}){detail}")
+
+
 def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> dict:
-    """Load a `.safetensors` file or a torch pickle (`weights_only=True` unless `trust_pickle`)."""
+    """Load a `.safetensors` file or a torch pickle (`weights_only=True` unless `trust_pickle`).
+
+    Errors name the file and say what it is: only a valid torch file whose pickle references Python
+    objects beyond tensors is said to need `trust_pickle=True`; random bytes, text, plain pickles and
+    truncated archives are "not a torch checkpoint"."""
+    import pickle
+
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"checkpoint not found: {path}{_did_you_mean(path)}")
     if path.stat().st_size == 0:
         raise ValueError(f"checkpoint {path} is empty (0 bytes): an interrupted download or save?")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types for truncated headers
-            raise ValueError(f"cannot read {path} as safetensors (truncated or not a safetensors file): {e}") from e
+    kind = _sniff(path)
+    if path.suffix == ".safetensors" or kind == "safetensors":
+        return _read_safetensors(path)
+    if kind in ("pickle", "unknown"):  # torch.load would fail, or (weights_only=False) run arbitrary code
+        raise _not_torch(path, kind)
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except __import__("pickle").UnpicklingError as e:
-        raise ValueError(
-            f"{path} needs arbitrary code execution to unpickle (it stores Python objects, not just tensors). "
-            f"Load it with trust_pickle=True (CLI: --trust-pickle) only if you trust where it came from. ({e})"
-        ) from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"cannot read checkpoint {path} (truncated or not a torch checkpoint): {e}") from e
+    except pickle.UnpicklingError as e:
+        if not trust_pickle and "Unsupported global" in str(e):
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            raise ValueError(
+                f"{path} needs arbitrary code execution to unpickle: it stores Python objects, not just tensors"
+                f"{f' (first: {found.group(1)})' if found else ''}. Load it with trust_pickle=True "
+                f"(CLI: --trust-pickle) only if you trust where it came from."
+            ) from e
+        if not trust_pickle and kind == "legacy" and "Unsupported operand" in str(e) and _protocol(path) > 2:
+            raise ValueError(
+                f"{path} is a legacy (torch < 1.6) checkpoint written with pickle protocol {_protocol(path)}, which "
+                f"torch's safe loader cannot read. Load it with trust_pickle=True (CLI: --trust-pickle) only if you "
+                f"trust where it came from (unpickling it can run code)."
+            ) from e
+        raise _not_torch(path, kind, e) from e
+    except (ImportError, AttributeError) as e:  # trusted pickle naming a class that is not importable here
+        raise ValueError(f"{path} stores Python objects whose classes cannot be imported here "
+                         f"({type(e).__name__}: {e})") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - RuntimeError, EOFError, KeyError, ...: a damaged file
+        raise _not_torch(path, kind, e) from e
 
 
 def split_checkpoint(obj: Mapping[str, Any], use_ema: bool = False) -> tuple[dict, dict]:
@@ -69,13 +136,12 @@ def split_checkpoint(obj: Mapping[str, Any], use_ema: bool = False) -> tuple[dic
     ema = {k[len("ema_decoder."):]: v for k, v in sd.items() if k.startswith("ema_decoder.")}
     if use_ema and not ema:
         raise ValueError("use_ema=True, but this checkpoint holds no EMA weights (train with ema_decay)")
-    prefix = next(
-        (p for p in VAE_PREFIXES if any(k.startswith((p + "encoder.", p + "decoder.")) for k in sd)), None
-    )
+    prefix = next((p for p in VAE_PREFIXES if any(k.startswith(tuple(p + m for m in VAE_MARKERS)) for k in sd)), None)
     if prefix is None:
         raise ValueError(
-            "no VAE weights found: expected keys starting with encoder./decoder. (bare VAE) or with one of "
-            f"{', '.join(repr(p) for p in VAE_PREFIXES if p)}; first keys are {list(sd)[:5]}"
+            "not an autoencoder checkpoint: no VAE weights found (no encoder or decoder keys such as "
+            f"encoder.conv_in.weight or decoder.conv_out.weight, bare or under one of "
+            f"{', '.join(repr(p) for p in VAE_PREFIXES if p)}); its first keys are {list(sd)[:5]}"
         )
     out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and torch.is_tensor(v)}
     out = {k: v for k, v in out.items() if not DROPPED.match(k)}
@@ -117,6 +183,14 @@ def _count(sd: Mapping, pattern: str) -> int:
 
 
 def infer_config(sd: Mapping[str, torch.Tensor]) -> dict:
+    try:
+        return _infer_config(sd)
+    except (KeyError, IndexError) as e:
+        raise ValueError(f"cannot infer the architecture from the tensors: {e} is missing or has an unexpected "
+                         f"shape (an incomplete or foreign autoencoder checkpoint?)") from e
+
+
+def _infer_config(sd: Mapping[str, torch.Tensor]) -> dict:
     """Model config (as `AsymmetricAutoencoder.config()`) from diffusers-layout tensor shapes alone.
 
     Not inferable from shapes: `norm_num_groups` (32 assumed), `scaling_factor` / `shift_factor`
@@ -146,6 +220,14 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> dict:
 
 
 def infer_decoder_config(sd: Mapping[str, torch.Tensor]) -> dict:
+    try:
+        return _infer_decoder_config(sd)
+    except (KeyError, IndexError) as e:
+        raise ValueError(f"cannot infer the decoder's architecture from the tensors: {e} is missing or has an "
+                         f"unexpected shape (an incomplete or foreign decoder checkpoint?)") from e
+
+
+def _infer_decoder_config(sd: Mapping[str, torch.Tensor]) -> dict:
     n_up = _count(sd, r"decoder\.up_blocks\.(\d+)\.")
     if not n_up:
         raise ValueError("checkpoint has no decoder weights (decoder.up_blocks.*)")
@@ -161,17 +243,66 @@ def infer_decoder_config(sd: Mapping[str, torch.Tensor]) -> dict:
     }
 
 
-def config_from_diffusers(cfg: Mapping[str, Any]) -> dict:
-    """diffusers `AutoencoderKL` / `AsymmetricAutoencoderKL` config.json -> our model config."""
+# config.json keys we read (required ones per class) and what they must hold.
+_CONFIG_REQUIRED = {
+    "AsymmetricAutoencoderKL": ("up_block_out_channels", "layers_per_up_block"),
+    "AutoencoderKL": ("block_out_channels", "layers_per_block"),
+}
+_CONFIG_INT_LISTS = ("block_out_channels", "up_block_out_channels", "down_block_out_channels")
+_CONFIG_INTS = ("layers_per_block", "layers_per_up_block", "layers_per_down_block", "latent_channels",
+                "in_channels", "out_channels", "norm_num_groups")
+_CONFIG_NUMBERS = ("scaling_factor",)
+
+
+def _config_problems(cfg: Mapping[str, Any]) -> list[str]:
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    problems = [f"missing key {k!r}" for k in _CONFIG_REQUIRED[cfg["_class_name"]] if k not in cfg]
+    for k in _CONFIG_INT_LISTS:
+        if k in cfg and not (isinstance(cfg[k], (list, tuple)) and cfg[k] and all(is_int(c) and c > 0 for c in cfg[k])):
+            problems.append(f"{k!r} must be a non-empty list of positive integers; got {cfg[k]!r}")
+    for k in _CONFIG_INTS:
+        if k in cfg and not (is_int(cfg[k]) and cfg[k] >= 0):
+            problems.append(f"{k!r} must be a non-negative integer; got {cfg[k]!r}")
+    for k in _CONFIG_NUMBERS:
+        if k in cfg and not (isinstance(cfg[k], (int, float)) and not isinstance(cfg[k], bool)):
+            problems.append(f"{k!r} must be a number; got {cfg[k]!r}")
+    return problems
+
+
+def read_diffusers_config(path: str | os.PathLike) -> dict:
+    """A diffusers `config.json` as a dict, with errors that name the file."""
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not a text file (not a diffusers config.json): {e}") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} must hold a JSON object (a diffusers model config); got a {type(cfg).__name__}")
+    return cfg
+
+
+def config_from_diffusers(cfg: Mapping[str, Any], where: str | os.PathLike = "diffusers config") -> dict:
+    """diffusers `AutoencoderKL` / `AsymmetricAutoencoderKL` config.json -> our model config.
+    `where` (the file) is named in errors."""
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"{where} must be a JSON object (a diffusers model config); got {type(cfg).__name__}")
     name = cfg.get("_class_name")
+    if name not in _CONFIG_REQUIRED:
+        raise ValueError(f"{where}: expected an AutoencoderKL or AsymmetricAutoencoderKL config, "
+                         f"got _class_name={name!r}")
+    problems = _config_problems(cfg)
+    if problems:
+        raise ValueError(f"{where} ({name}): " + "; ".join(problems))
     if name == "AsymmetricAutoencoderKL":
         up, layers, blend = cfg["up_block_out_channels"], cfg["layers_per_up_block"], "add"
-    elif name == "AutoencoderKL":
+    else:
         up, layers, blend = cfg["block_out_channels"], cfg["layers_per_block"], "none"
         if not cfg.get("mid_block_add_attention", True):
-            raise ValueError("VAEs without decoder mid-block attention are not supported")
-    else:
-        raise ValueError(f"expected an AutoencoderKL or AsymmetricAutoencoderKL config, got _class_name={name!r}")
+            raise ValueError(f"{where}: VAEs without decoder mid-block attention are not supported")
     return {
         "vae_config": dict(cfg),
         "decoder": {
@@ -233,13 +364,50 @@ def _resolve(source: str | os.PathLike) -> tuple[dict, dict | None, dict]:
         weights = next((path / w for w in WEIGHT_FILES if (path / w).is_file()), None)
         if weights is None:
             raise FileNotFoundError(f"{path} has config.json but no weights ({' or '.join(WEIGHT_FILES)})")
-        config = config_from_diffusers(json.loads(cfg_file.read_text()))
+        config = config_from_diffusers(read_diffusers_config(cfg_file), cfg_file)
         return dict(read_checkpoint(weights)), config, {}
-    if path.exists() or path.suffix in (".ckpt", ".safetensors", ".pt", ".pth", ".bin"):
-        raise FileNotFoundError(f"checkpoint not found: {path}")  # a file path handled by the caller
-    if HUB_ID.match(str(source)):
-        return _resolve(_download(str(source)))
-    raise FileNotFoundError(f"{source!r} is neither a file, a folder, nor a Hugging Face Hub id (org/name)")
+    why = missing_source_message(str(source))
+    if why:
+        raise FileNotFoundError(why)
+    return _resolve(_download(str(source)))
+
+
+def _did_you_mean(path: Path) -> str:
+    """' (did you mean X?)' for the closest existing name in the path's parent folder, or ''."""
+    import difflib
+
+    parent = path.parent
+    try:
+        names = [p.name for p in parent.iterdir()] if parent.is_dir() else []
+    except OSError:
+        names = []
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
+    return f" (did you mean {parent / close[0] if str(parent) != '.' else close[0]}?)" if close else ""
+
+
+def looks_like_path(source: str) -> bool:
+    """Whether a string that names nothing on disk was meant as a local path rather than a Hub id."""
+    path = Path(source)
+    if source.startswith((".", "/", "~")) or not HUB_ID.match(source):
+        return True
+    if path.suffix in (".ckpt", ".safetensors", ".pt", ".pth", ".bin", ".json"):
+        return True
+    if os.sep in source and len(path.parts) > 2:
+        return True
+    # `org/name` whose `org` is a local folder, or whose name is close to something in that folder.
+    return path.parent.is_dir() or bool(_did_you_mean(path))
+
+
+def missing_source_message(source: str) -> str | None:
+    """None when `source` exists or reads as a Hub id (org/name); else why it is not found."""
+    path = Path(source)
+    if path.exists():
+        return None
+    if looks_like_path(source):
+        return f"not found: {source} (no such file or folder here, in {Path.cwd()}){_did_you_mean(path)}"
+    if HUB_ID.match(source):
+        return None
+    return f"{source!r} is neither a file, a folder, nor a Hugging Face Hub id (org/name)"
 
 
 def _download(repo_id: str) -> Path:
@@ -250,9 +418,11 @@ def _download(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:
         raise FileNotFoundError(
-            f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(e).__name__}: {e}). Offline? On a "
-            f"machine with internet run `hf download {repo_id} --include 'config.json' "
-            f"'diffusion_pytorch_model.safetensors' 'vae/*' --local-dir DIR`, copy DIR here and pass its path."
+            f"{repo_id!r} is not a local file or folder (in {Path.cwd()}), so it was taken as a Hugging Face Hub "
+            f"id, and fetching it failed ({type(e).__name__}: {e}). If you meant a local path, check its spelling. "
+            f"If you meant the Hub and are offline: on a machine with internet run `hf download {repo_id} "
+            f"--include 'config.json' 'diffusion_pytorch_model.safetensors' 'vae/*' --local-dir DIR`, copy DIR "
+            f"here and pass its path."
         ) from e
 
 
@@ -260,7 +430,12 @@ def load_weights(source: str | os.PathLike, trust_pickle: bool = False, use_ema:
     """Any supported source -> (diffusers-layout state dict, config or None, metadata)."""
     path = Path(source)
     if path.is_file():
-        sd, meta = split_checkpoint(read_checkpoint(path, trust_pickle), use_ema=use_ema)
+        try:
+            sd, meta = split_checkpoint(read_checkpoint(path, trust_pickle), use_ema=use_ema)
+        except ValueError as e:
+            if str(path) in str(e):
+                raise
+            raise ValueError(f"{path}: {e}") from e
         if is_ldm_layout(sd):
             sd = ldm_to_diffusers(sd)
         return sd, meta.get("model_config"), meta
@@ -289,13 +464,20 @@ def load_autoencoder(
         `norm_num_groups`) or that you want to force; they must still fit the weights.
     """
     sd, config, _ = load_weights(source, trust_pickle=trust_pickle, use_ema=use_ema)
-    if vae is not None:
-        vae_sd, vae_config, _ = load_weights(vae, trust_pickle=trust_pickle)
-        vae_config = vae_config or infer_config(vae_sd)
-        sd = {k: v for k, v in sd.items() if k.startswith("decoder.")}
-        sd.update({k: v for k, v in vae_sd.items() if not k.startswith("decoder.")})
-        config = {"vae_config": vae_config["vae_config"], "decoder": (config or {}).get("decoder") or infer_decoder_config(sd)}
-    config = apply_overrides(config or infer_config(sd), overrides)
+    try:
+        if vae is not None:
+            vae_sd, vae_config, _ = load_weights(vae, trust_pickle=trust_pickle)
+            vae_config = vae_config or infer_config(vae_sd)
+            sd = {k: v for k, v in sd.items() if k.startswith("decoder.")}
+            sd.update({k: v for k, v in vae_sd.items() if not k.startswith("decoder.")})
+            config = {"vae_config": vae_config["vae_config"],
+                      "decoder": (config or {}).get("decoder") or infer_decoder_config(sd)}
+        config = config or infer_config(sd)
+    except ValueError as e:
+        if str(source) in str(e) or (vae is not None and str(vae) in str(e)):
+            raise
+        raise type(e)(f"{source}: {e}") from e
+    config = apply_overrides(config, overrides)
     model = AsymmetricAutoencoder(**config)
     load_state_dict_strict(model, sd, f"AsymmetricAutoencoder from {source}")
     return model
