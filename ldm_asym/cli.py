@@ -293,13 +293,18 @@ def main(argv: list[str] | None = None) -> int:
         now = logdir.name.split("_", 1)[0]
     os.environ[RUN_DIR_ENV] = str(logdir)
 
-    config = OmegaConf.merge(*[load_config(b) for b in base], OmegaConf.from_dotlist(unknown))
+    configs = [load_config(b) for b in base]
+    try:
+        config = OmegaConf.merge(*configs, OmegaConf.from_dotlist(unknown))
+    except Exception as e:  # noqa: BLE001 - OmegaConf's errors: say which override and why
+        raise ValueError(f"cannot apply the overrides {unknown} to {base}: {type(e).__name__}: {e}") from e
+    validate(config)  # before anything below reads a section that might be missing
     if opt.scale_lr is not None:
         config.model.params.scale_lr = opt.scale_lr
     # The seed drives the data order and the posterior noise: a resumed run keeps the one it saved.
     seed = opt.seed if opt.seed is not None else OmegaConf.select(config, "data.params.seed", default=None)
-    config.data.params.seed = seed = 23 if seed is None else seed
-    validate(config)
+    seed = 23 if seed is None else seed
+    OmegaConf.update(config, "data.params.seed", seed, force_add=True)
     OmegaConf.resolve(config)
     if not opt.resume:
         check_paths(config)

@@ -337,3 +337,14 @@ def test_legacy_protocol_4_checkpoint_needs_trust_and_then_loads(tmp_path, tiny_
     with pytest.raises(ValueError, match=r"legacy4\.ckpt is a legacy .* protocol 4.*trust_pickle=True"):
         load_autoencoder(path)
     assert load_autoencoder(path, trust_pickle=True, norm_num_groups=8).blend == "none"
+
+
+@pytest.mark.parametrize("override,match", [
+    ("lightning.callbacks=[checkpoint]", r"cannot apply the overrides \['lightning.callbacks=\[checkpoint\]'\]"),
+    ("data=null", "config has no 'data' section|data"),
+])
+def test_overrides_that_break_the_config_shape_are_named(tmp_path, override, match):
+    from ldm_asym.cli import main
+
+    with pytest.raises(ValueError, match=match):
+        main(["--base", "configs/tiny.yaml", "-l", str(tmp_path), override])
