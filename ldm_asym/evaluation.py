@@ -17,11 +17,13 @@ them. A metric whose weights are missing is reported unavailable with the reason
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -32,8 +34,16 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
 from ldm_asym import metrics as M
-from ldm_asym.data.datasets import IMAGE_EXTENSIONS, UnusableImageError, crop_resize, load_image, to_tensor
+from ldm_asym.data.datasets import (
+    _DECODE_ERRORS,
+    IMAGE_EXTENSIONS,
+    UnusableImageError,
+    crop_resize,
+    load_image,
+    to_tensor,
+)
 from ldm_asym.data.masks import PRESETS, MaskGenerator, load_mask
+from ldm_asym.util import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +148,31 @@ def load_eval_mask(path: str | os.PathLike, size: int, image_size: tuple[int, in
 
 
 def displayed_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) after EXIF rotation, as `load_image` returns it, from the header alone."""
-    with Image.open(path) as im:
-        w, h = im.size
-        return (h, w) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)
+    """(width, height) after EXIF rotation, as `load_image` returns it, from the header alone.
+
+    ValueError naming the file for what `load_image` would refuse from its header: not an image,
+    empty, or a decompression bomb (over Pillow's MAX_IMAGE_PIXELS). Truncated pixel data only
+    shows when decoding.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                return (h, w) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {path}") from None
+    except _DECODE_ERRORS as e:
+        raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def printable(name: str | os.PathLike) -> str:
+    """A file name as valid UTF-8 text: bytes that are not UTF-8 (Python's surrogate escapes) become `\\xNN`.
+
+    CSV, JSON and Markdown outputs must be UTF-8; a non-UTF-8 name (Latin-1 `caf\\xe9.png`) would
+    otherwise make writing them fail after all the work.
+    """
+    return os.fspath(name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 class EvalSet(Dataset):
@@ -441,7 +472,8 @@ class GridWriter:
             panels.append((f"|ours-input|x{self.gain:g}", _u8(diff)))
             self.folder.mkdir(parents=True, exist_ok=True)
             path = self.folder / f"{name}.png"
-            grid_image(panels).save(path)
+            with atomic_write(path, "wb") as f:
+                grid_image(panels).save(f, format="PNG")
             self.written.append(path)
             self.left -= 1
 
@@ -459,14 +491,26 @@ def _fmt(v) -> str:
     return "" if v is None else f"{v:.6g}"
 
 
-def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
+def csv_text(rows: list[dict]) -> str:
     """One row per (image, decoder); unavailable metrics are empty cells, empty regions 'nan'."""
     cols = ["image", "decoder", "hole_fraction", *PER_IMAGE]
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        for r in rows:
-            w.writerow([r["image"], r["decoder"]] + [_fmt(r.get(k)) for k in cols[2:]])
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(cols)
+    for r in rows:
+        w.writerow([printable(r["image"]), r["decoder"]] + [_fmt(r.get(k)) for k in cols[2:]])
+    return f.getvalue()
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
+    """`csv_text(rows)` written atomically as UTF-8."""
+    write_text(path, csv_text(rows))
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """UTF-8 `text` to `path`, atomically (a crash leaves the old file or none, never half of one)."""
+    with atomic_write(path, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
 
 
 TABLE = (("PSNR", "psnr"), ("PSNR known", "psnr_known"), ("PSNR hole", "psnr_hole"), ("SSIM", "ssim"),
@@ -517,6 +561,8 @@ def evaluate(
     if size < 16 or size % 8:
         raise ValueError(f"--size must be a multiple of 8 and >= 16; got {size}")
     files = list_eval_images(images)
+    for f in files:  # an empty / non-image / bomb file fails here, before minutes of model loading and decoding
+        displayed_size(f)
     missing: list[Path] = []
     mask_files = None
     if masks is not None:
@@ -524,7 +570,8 @@ def evaluate(
         files, mask_files = [p[0] for p in pairs], [p[1] for p in pairs]
     warnings_: list[str] = []
     if missing:
-        warnings_.append(f"skipped {len(missing)} images without a mask: {', '.join(p.name for p in missing[:10])}")
+        warnings_.append(f"skipped {len(missing)} images without a mask: "
+                         f"{', '.join(printable(p.name) for p in missing[:10])}")
 
     baseline_from = "--baseline"
     if baseline is None:
@@ -579,9 +626,9 @@ def evaluate(
 
     summary = {
         "config": {
-            "ckpt": str(ckpt), "ema": ema, "baseline": str(baseline), "baseline_from": baseline_from,
-            "images": str(images), "size": size,
-            "masks": str(masks) if masks is not None else f"preset {mask_preset} (seed {seed})",
+            "ckpt": printable(ckpt), "ema": ema, "baseline": printable(baseline),
+            "baseline_from": printable(baseline_from), "images": printable(images), "size": size,
+            "masks": printable(masks) if masks is not None else f"preset {mask_preset} (seed {seed})",
             "n_images": len(dataset), "skipped_missing_masks": len(missing), "seed": seed,
             "device": str(device), "batch_size": batch_size, "latents": latents,
             "lpips": "random trunk (--lpips-random; tests only)" if lpips_random else "pretrained",
@@ -590,9 +637,12 @@ def evaluate(
         "decoders": summarise(res, unavailable, notes),
         "definitions": DEFINITIONS,
         "warnings": warnings_,
-        "grids": [str(p.relative_to(out)) for p in grids.written],
+        "grids": [printable(p.relative_to(out)) for p in grids.written],
     }
-    (out / "summary.json").write_text(json.dumps(_no_nan(summary), indent=2, allow_nan=False) + "\n")
-    write_csv(out / "per_image.csv", res.rows)
-    (out / "summary.md").write_text(markdown(summary))
+    # Every output is rendered before any is written, and each is written atomically: a failure
+    # leaves no truncated file, and summary.json (what says "this run finished") is written last.
+    texts = {"per_image.csv": csv_text(res.rows), "summary.md": markdown(summary),
+             "summary.json": json.dumps(_no_nan(summary), indent=2, allow_nan=False) + "\n"}
+    for name, text in texts.items():
+        write_text(out / name, text)
     return summary

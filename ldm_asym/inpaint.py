@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +32,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
+from ldm_asym.data.datasets import _DECODE_ERRORS
 from ldm_asym.data.masks import load_mask
 from ldm_asym.interop import HUB_ID, load_autoencoder, to_diffusers
 from ldm_asym.metrics import unmasked_error
+from ldm_asym.util import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +132,36 @@ class Prepared:
         return im.resize(self.original.size, Image.LANCZOS)
 
 
+def read_image(path, arg: str = "--image") -> Image.Image:
+    """The RGB image at `path`, upright as viewers show it (EXIF), fully decoded.
+
+    Empty, truncated, non-image and decompression-bomb files (over Pillow's MAX_IMAGE_PIXELS,
+    even those Pillow only warns about) raise ValueError naming `arg` and the file.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return ImageOps.exif_transpose(im).convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{arg} {path}: file not found") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"{arg} {path}: refused as a possible decompression bomb ({e})") from e
+    except _DECODE_ERRORS as e:
+        raise ValueError(f"{arg} {path}: cannot read it as an image ({type(e).__name__}: {e})") from e
+
+
+def read_mask(path, size: tuple[int, int] | None = None, arg: str = "--mask") -> torch.Tensor:
+    """`load_mask` with errors that name `arg`."""
+    try:
+        return load_mask(path, size=size)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{arg} {path}: file not found") from None
+    except ValueError as e:
+        raise ValueError(f"{arg}: {e}") from e
+
+
 def prepare(image_path, mask_path, multiple: int = 8, fit: str = "pad") -> Prepared:
     """Read image and mask and bring them to sides that are multiples of `multiple`.
 
@@ -137,16 +170,15 @@ def prepare(image_path, mask_path, multiple: int = 8, fit: str = "pad") -> Prepa
     pixels at the right/bottom and crops them off afterwards, so known pixels are never
     resampled (the point of this decoder); fit="resize" rescales to the nearest multiple and back.
     """
-    with Image.open(image_path) as im:
-        image = ImageOps.exif_transpose(im).convert("RGB")  # as viewers (and mask editors) show it
+    image = read_image(image_path)  # as viewers (and mask editors) show it
     w, h = image.size
     if min(w, h) < multiple:
-        raise ValueError(f"image {image_path} is {w}x{h}; both sides must be at least {multiple} px")
-    mask = load_mask(mask_path)[0]
+        raise ValueError(f"--image {image_path} is {w}x{h}; both sides must be at least {multiple} px")
+    mask = read_mask(mask_path)[0]
     if tuple(mask.shape) != (h, w):
         log.warning("mask %s is %dx%d, image is %dx%d: resizing the mask (nearest)", mask_path,
                     mask.shape[1], mask.shape[0], w, h)
-        mask = load_mask(mask_path, size=(h, w))[0]
+        mask = read_mask(mask_path, size=(h, w))[0]
     mask = original_mask = Image.fromarray((mask.numpy() * 255).astype(np.uint8), "L")
     original = image
     if fit == "pad":
@@ -216,16 +248,19 @@ def comparison(prep: Prepared, results: dict[str, list[Image.Image]]) -> Image.I
 
 
 def save_results(out_dir, name: str, prep: Prepared, results: dict[str, list[Image.Image]]) -> list[Path]:
-    """OUT/NAME_{vanilla,asym}_{k}.png and OUT/NAME_compare.png; logs the known-pixel error of each."""
+    """OUT/NAME_{vanilla,asym}_{k}.png and OUT/NAME_compare.png, each written atomically; logs the
+    known-pixel error of each."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for kind, images in results.items():
         for k, im in enumerate(images):
             paths.append(out_dir / f"{name}_{kind}_{k}.png")
-            im.save(paths[-1])
+            with atomic_write(paths[-1], "wb") as f:
+                im.save(f, format="PNG")
             err = known_pixel_error(prep.original, im, prep.original_mask)
             log.info("%s: known-pixel MSE %.1fe-5", paths[-1].name, err)
     paths.append(out_dir / f"{name}_compare.png")
-    comparison(prep, results).save(paths[-1])
+    with atomic_write(paths[-1], "wb") as f:
+        comparison(prep, results).save(f, format="PNG")
     return paths

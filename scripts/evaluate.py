@@ -9,7 +9,8 @@ All decoders decode the same latents (posterior mode of the evaluated model's fr
     python scripts/evaluate.py --ckpt logs/<run> --images val/ --masks val/ --out eval/
     python scripts/evaluate.py --ckpt asym-vae/ --baseline sd-vae/ --images val/ --mask-preset thick --seed 0
 
-Writes OUT/summary.json, OUT/summary.md, OUT/per_image.csv and OUT/grids/NAME.png.
+Writes OUT/summary.json, OUT/summary.md, OUT/per_image.csv and OUT/grids/NAME.png, each atomically
+(summary.json last). File names that are not UTF-8 appear in them with \\xNN escapes.
 Metrics whose weights are not available offline (LPIPS trunks, FID's Inception) are reported as
 unavailable with the reason. See docs/evaluation.md for the metric definitions.
 """
@@ -63,7 +64,7 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    from ldm_asym.evaluation import evaluate, markdown
+    from ldm_asym.evaluation import evaluate, markdown, printable
 
     try:
         summary = evaluate(
@@ -73,11 +74,11 @@ def main(argv=None) -> int:
             max_grids=args.max_grids, diff_gain=args.diff_gain, skip_missing_masks=args.skip_missing_masks,
             workers=args.workers, progress=not args.quiet,
         )
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: unreadable inputs, a full disk or an unwritable --out
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(markdown(summary))
-    print(f"wrote {args.out}/summary.json, summary.md, per_image.csv, {len(summary['grids'])} grids")
+    print(f"wrote {printable(args.out)}/summary.json, summary.md, per_image.csv, {len(summary['grids'])} grids")
     return 0
 
 

@@ -16,6 +16,7 @@ Masks: white = hole; grey, RGB, RGBA (transparent = known) or 16-bit; soft masks
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -49,6 +50,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
+        # The inputs are checked first: a bad --image or --mask must not wait for the models to load.
+        inpaint.read_image(args.image)
+        inpaint.read_mask(args.mask)
         device = inpaint.pick_device(args.device)
         dtype = inpaint.pick_dtype(args.dtype, device)
         pipe = inpaint.load_pipeline(args.pipeline, device, dtype)
@@ -60,10 +64,10 @@ def main(argv=None) -> int:
                                   seed=args.seed, steps=args.steps, guidance_scale=args.guidance_scale,
                                   num_images=args.num_images)
         paths = inpaint.save_results(args.out, args.name or Path(args.image).stem, prep, results)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: unreadable files, a full disk or an unwritable --out
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print("wrote " + ", ".join(str(q) for q in paths))
+    print("wrote " + ", ".join(os.fsencode(q).decode("utf-8", "backslashreplace") for q in paths))
     return 0
 
 

@@ -202,9 +202,11 @@ def test_clear_errors(models, tmp_path, capsys):
     make_vae(TINY_VAE).save_pretrained(tmp_path / "plain")
     with pytest.raises(ValueError, match="plain decoder"):
         inpaint.load_asym_vae(tmp_path / "plain")
-    # Offline, a Hub id must say what to download and where to put it.
-    args = ["--pipeline", "someone/sd-inpainting", "--ckpt", str(models["ckpt"]), "--image", "x.png",
-            "--mask", "m.png", "--out", str(tmp_path)]
+    # Offline, a Hub id must say what to download and where to put it (the inputs are read first).
+    Image.new("RGB", (16, 16)).save(tmp_path / "x.png")
+    Image.new("L", (16, 16)).save(tmp_path / "m.png")
+    args = ["--pipeline", "someone/sd-inpainting", "--ckpt", str(models["ckpt"]), "--image", str(tmp_path / "x.png"),
+            "--mask", str(tmp_path / "m.png"), "--out", str(tmp_path)]
     assert script.main(args) == 1
     err = capsys.readouterr().err
     assert "hf download someone/sd-inpainting" in err and "--pipeline DIR" in err

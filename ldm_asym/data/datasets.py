@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import struct
-import tempfile
 import warnings
 import zlib
 from typing import NamedTuple, Sequence
@@ -28,6 +27,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from ldm_asym.data.masks import MaskGenerator
+from ldm_asym.util import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -215,24 +215,87 @@ def _fingerprint(root: str, extensions: tuple[str, ...]) -> str:
     one- and two-level layouts without walking every file.
     """
     h = hashlib.sha1(f"{root}\0{','.join(extensions)}\0{os.stat(root).st_mtime_ns}".encode())
+    subdirs = []
     with os.scandir(root) as entries:
-        subdirs = sorted(
-            (e.name, e.stat().st_mtime_ns) for e in entries if e.is_dir() and not e.name.startswith(".")
-        )
-    for name, mtime in subdirs:
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                if e.is_dir():
+                    subdirs.append((e.name, e.stat().st_mtime_ns))
+            except OSError:  # a symlink to itself (ELOOP) or one that vanished: _scan drops and logs it
+                continue
+    for name, mtime in sorted(subdirs):
         h.update(f"\0{name}\0{mtime}".encode(errors="surrogateescape"))
     return h.hexdigest()
 
 
+_LOG_DROPS = 20  # entries dropped by a scan logged one by one; the summary counts all of them
+
+
 def _scan(root: str, extensions: tuple[str, ...]) -> list[str]:
-    files = []
-    for folder, dirs, names in os.walk(root, followlinks=True):
-        # Hidden entries are metadata (.git, macOS "._x.jpg" resource forks), never images.
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        rel = os.path.relpath(folder, root)
-        for name in names:
-            if not name.startswith(".") and "\n" not in name and os.path.splitext(name)[1].lower() in extensions:
-                files.append(name if rel == "." else os.path.join(rel, name))
+    """Image paths under `root`, relative to it, sorted. Follows symlinks, visiting each real folder once.
+
+    Folders reached without a symlink are walked first, so a folder that is also linked from
+    elsewhere is listed under its own path; symlinked folders come after, in sorted order.
+
+    Hidden entries (".git", macOS "._x.jpg") are ignored. Dropped, counted and logged (each of the
+    first few, then a summary by reason): a second way into an already visited folder (symlink
+    loops such as `ln -s . loop`, which os.walk(followlinks=True) would follow 40 levels deep),
+    symlinks that cannot be resolved (`ln -s self self`: ELOOP) or point nowhere, unreadable
+    folders, and image names holding a newline (the file-list cache has one name per line).
+    """
+    files: list[str] = []
+    dropped: dict[str, int] = {}
+
+    def drop(path: str, reason: str) -> None:
+        dropped[reason] = dropped.get(reason, 0) + 1
+        if sum(dropped.values()) <= _LOG_DROPS:
+            log.warning("file scan: dropping %r (%s)", path, reason)
+        else:
+            log.debug("file scan: dropping %r (%s)", path, reason)
+
+    visited: set[tuple[int, int]] = set()
+    stack, linked = [""], []  # folders relative to root (depth first, sorted); symlinked ones wait
+    while stack or linked:
+        rel = stack.pop() if stack else linked.pop(0)
+        folder = os.path.join(root, rel) if rel else root
+        try:
+            st = os.stat(folder)
+            key = (st.st_dev, st.st_ino)
+            if key in visited:
+                drop(folder, "folder already visited: a symlink loop or a second link to it")
+                continue
+            visited.add(key)
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            drop(folder, f"unreadable folder: {e.strerror or e}")
+            continue
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):  # metadata, never images
+                continue
+            path = os.path.join(rel, e.name) if rel else e.name
+            try:
+                is_dir = e.is_dir()  # follows symlinks
+                is_file = not is_dir and e.is_file()
+            except OSError as err:  # ELOOP: a symlink to itself or a cycle of symlinks
+                drop(os.path.join(root, path), f"unresolvable symlink: {err.strerror or err}")
+                continue
+            if is_dir:
+                (linked if e.is_symlink() else subdirs).append(path)
+            elif os.path.splitext(e.name)[1].lower() in extensions:
+                if not is_file:
+                    drop(os.path.join(root, path), "broken symlink or not a regular file")
+                elif "\n" in e.name:
+                    drop(os.path.join(root, path), "newline in the file name")
+                else:
+                    files.append(path)
+        stack.extend(reversed(subdirs))
+    if dropped:
+        log.warning("file scan of %s kept %d images and dropped %d entries: %s", root, len(files),
+                    sum(dropped.values()), "; ".join(f"{n} x {reason}" for reason, n in dropped.items()))
     return sorted(files)
 
 
@@ -256,23 +319,19 @@ def _read_cache(path: str, fingerprint: str) -> list[str] | None:
 def _write_cache(path: str, root: str, extensions: tuple[str, ...], files: list[str]) -> bool:
     """Write the list atomically; False if `path` is not writable."""
     placeholder = _CACHE_HEADER + "0" * 40
-    tmp = None
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        # mkstemp: a unique name even when ranks on several nodes share the folder (pids collide).
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
-        with open(fd, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+        # Temporary names carry pid and a random token: unique even when ranks on several nodes
+        # share the folder.
+        with atomic_write(path, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
             f.write(placeholder + "\n")
             f.writelines(name + "\n" for name in files)
-        os.replace(tmp, path)
         # Creating the cache inside `root` changed root's mtime; fingerprint the folder as it is
         # now and patch the fixed-width header in place (that does not touch the folder's mtime).
         with open(path, "r+", encoding="utf-8") as f:
             f.write(_CACHE_HEADER + _fingerprint(root, extensions))
         return True
     except OSError:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
         return False
 
 

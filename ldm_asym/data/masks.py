@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import math
 import os
+import struct
+import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,6 +184,9 @@ class MaskGenerator:
         return f"MaskGenerator(preset={self.preset_name!r}, size={self.shape}, p_full={self.p_full})"
 
 
+# What Pillow raises for corrupt, truncated, non-image and oversized files (as datasets._DECODE_ERRORS).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError,
+                  Image.DecompressionBombWarning)
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
 
@@ -193,21 +199,30 @@ def load_mask(path: str | os.PathLike, size: int | tuple[int, int] | None = None
     resizes with nearest neighbour so the mask stays binary.
     """
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in _SIXTEEN_BIT:
-                values = np.asarray(im, dtype=np.float64) / 65535.0
-            elif im.mode in _ALPHA or "transparency" in im.info:
-                black = Image.new("RGBA", im.size, (0, 0, 0, 255))
-                values = np.asarray(Image.alpha_composite(black, im.convert("RGBA")).convert("L")) / 255.0
-            else:
-                values = np.asarray(im.convert("L")) / 255.0
+        with warnings.catch_warnings():
+            # As load_image: a decompression bomb (even one Pillow only warns about) is refused.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            values = _mask_values(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"mask file not found: {path}") from None
-    except (OSError, ValueError, SyntaxError) as e:
+    except _DECODE_ERRORS as e:
         raise ValueError(f"cannot read mask {path}: {type(e).__name__}: {e}") from e
     hole = values >= 0.5
     if size is not None:
         height, width = (size, size) if isinstance(size, int) else size
         hole = np.asarray(Image.fromarray(hole).resize((width, height), Image.NEAREST))
     return torch.from_numpy(hole.astype(np.float32))[None]
+
+
+def _mask_values(path) -> np.ndarray:
+    """H×W float64 in [0, 1] (white = 1); transparent pixels are 0."""
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in _SIXTEEN_BIT:
+            values = np.asarray(im, dtype=np.float64) / 65535.0
+        elif im.mode in _ALPHA or "transparency" in im.info:
+            black = Image.new("RGBA", im.size, (0, 0, 0, 255))
+            values = np.asarray(Image.alpha_composite(black, im.convert("RGBA")).convert("L")) / 255.0
+        else:
+            values = np.asarray(im.convert("L")) / 255.0
+    return values

@@ -135,11 +135,15 @@ class AsymmetricAutoencoder(nn.Module):
     ) -> torch.Tensor:
         """Unscaled latent `z` (as diffusers' `decode`) -> image in about [-1, 1].
 
-        `image` ([-1, 1], Bx3xHxW) and `mask` (Bx1xHxW, 1 = hole, soft values allowed) turn on the
-        conditional branch; without them (or with `blend: none`) this is a plain decoder.
-        `check_inputs=False` skips the value checks (NaN, mask range), which synchronise with the GPU.
+        `image` ([-1, 1], Bx3xHxW, floating point) and `mask` (Bx1xHxW, 1 = hole, soft values
+        allowed) turn on the conditional branch; without them (or with `blend: none`) this is a
+        plain decoder. Both are cast to `z`'s dtype: a bool mask (True = hole), an integer 0/1 mask
+        or a float64 one (`torch.from_numpy`) work as they are. An empty batch is an error.
+        `check_inputs=False` skips the value checks (NaN / Inf, mask in [0, 1], image in [-1, 1]
+        give or take 0.1: an image in [0, 255] or [0, 1] is not the same thing), which
+        synchronise with the GPU once.
         """
-        _check_decode_inputs(z, image, mask, self.downsample_factor, check_inputs)
+        image, mask = _check_decode_inputs(z, image, mask, self.downsample_factor, check_inputs)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z, image, mask)
@@ -169,22 +173,33 @@ class AsymmetricAutoencoder(nn.Module):
 
 
 # ---------------------------------------------------------------------- input checks
+IMAGE_RANGE_TOL = 0.1  # resampled or reconstructed images overshoot [-1, 1] a little; [0, 255] ones by far
+
+
 def _check_image(x: torch.Tensor, name: str, factor: int) -> None:
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"{name} must be Bx3xHxW; got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}): nothing to encode or decode")
     if x.shape[-2] % factor or x.shape[-1] % factor:
         raise ValueError(f"{name} height and width must be multiples of {factor}; got {tuple(x.shape[-2:])}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor in [-1, 1]; got dtype {x.dtype} "
+                         f"(for 0..255 pixels use x.float() / 127.5 - 1)")
 
 
-def _check_decode_inputs(z, image, mask, factor: int, check_values: bool) -> None:
+def _check_decode_inputs(z, image, mask, factor: int, check_values: bool):
+    """Validate decode()'s inputs; returns (image, mask) cast to z's dtype (unchanged if None)."""
     if z.ndim != 4:
         raise ValueError(f"z must be BxCxhxw; got shape {tuple(z.shape)}")
+    if z.shape[0] == 0:
+        raise ValueError(f"z is an empty batch (shape {tuple(z.shape)}): nothing to decode")
     if (image is None) != (mask is None):
         raise ValueError("image and mask must be given together (mask: 1 = hole), or neither")
     if image is None:
         if check_values and not torch.isfinite(z).all():
             raise ValueError("z contains NaN or Inf")
-        return
+        return image, mask
     _check_image(image, "image", factor)
     if mask.ndim != 4 or mask.shape[1] != 1:
         raise ValueError(f"mask must be Bx1xHxW (one channel, 1 = hole); got shape {tuple(mask.shape)}")
@@ -198,10 +213,21 @@ def _check_decode_inputs(z, image, mask, factor: int, check_values: bool) -> Non
         raise ValueError(
             f"batch sizes differ: z {z.shape[0]}, image {image.shape[0]}, mask {mask.shape[0]}"
         )
+    if mask.is_complex():
+        raise ValueError(f"mask must be real (bool, integer or float, 1 = hole); got dtype {mask.dtype}")
+    # bool / integer / float64 masks and float64 images (torch.from_numpy) in the model's dtype;
+    # a float64 mask would otherwise promote the blend to float64 and fail in the next conv.
+    image, mask = image.to(z.dtype), mask.to(z.dtype)
     if check_values:
-        for name, t in (("z", z), ("image", image), ("mask", mask)):
-            if not torch.isfinite(t).all():
+        finite = [torch.isfinite(t).all() for t in (z, image, mask)]
+        stats = torch.stack([*finite, *mask.aminmax(), *image.aminmax()]).float().tolist()  # one host sync
+        for name, ok in zip(("z", "image", "mask"), stats[:3]):
+            if not ok:
                 raise ValueError(f"{name} contains NaN or Inf")
-        lo, hi = mask.aminmax()
-        if lo < 0 or hi > 1:
-            raise ValueError(f"mask values must lie in [0, 1] (1 = hole); got min {lo.item():.4g}, max {hi.item():.4g}")
+        m_lo, m_hi, i_lo, i_hi = stats[3:]
+        if m_lo < 0 or m_hi > 1:
+            raise ValueError(f"mask values must lie in [0, 1] (1 = hole); got min {m_lo:.4g}, max {m_hi:.4g}")
+        if i_lo < -1 - IMAGE_RANGE_TOL or i_hi > 1 + IMAGE_RANGE_TOL:
+            raise ValueError(f"image values must lie in [-1, 1]; got min {i_lo:.4g}, max {i_hi:.4g} "
+                             f"(0..255 pixels: pass x / 127.5 - 1; 0..1 pixels: x * 2 - 1)")
+    return image, mask

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from ldm_asym.util import atomic_write
+
 log = logging.getLogger(__name__)
 
 
@@ -18,28 +20,25 @@ class CheckpointWriteError(OSError):
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+    """torch.save through `atomic_write` (temporary file in the same folder, fsync, rename), then
+    fsync the folder so the rename itself is durable.
 
     The rename is atomic on POSIX file systems, so readers see the old file or the new one, never
     half of one; streaming to disk also avoids holding a second in-memory copy of the checkpoint.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
-            os.fsync(dir_fd)  # make the rename itself durable
+            os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointWriteError(e.errno, f"could not write checkpoint {path}: {e.strerror or e}; "
+        cause = e.__cause__ if isinstance(e.__cause__, OSError) else e
+        raise CheckpointWriteError(e.errno, f"could not write checkpoint {path}: {cause.strerror or cause}; "
                                             f"the previous checkpoints in {path.parent} are intact") from e
 
 

@@ -83,8 +83,26 @@ class DataModule(pl.LightningDataModule):
     def build(self) -> None:
         """Instantiate datasets (clear errors for missing folders) before any weights are loaded."""
         if self.train_set is None:
-            self.train_set = instantiate_from_config(self.train_cfg)
+            train_set = instantiate_from_config(self.train_cfg)
+            self._check_size(train_set, _world_size())
+            self.train_set = train_set
             self.val_set = instantiate_from_config(self.val_cfg) if self.val_cfg else None
+
+    def _check_size(self, dataset, world: int) -> None:
+        """Fewer samples than one batch per process would train 0 steps and exit "successfully"."""
+        n = len(dataset)
+        if n // world >= self.batch_size:
+            return
+        name = self.train_cfg.get("target", type(dataset).__name__)
+        if getattr(dataset, "root", None):
+            name += f" at {dataset.root}"
+        elif getattr(dataset, "split", None):
+            name += f" ({dataset.split} split)"
+        per = f" per process ({world} processes: {n // world} each)" if world > 1 else ""
+        raise ValueError(
+            f"the training dataset {name} has {n} samples, fewer than one batch of {self.batch_size}{per}: "
+            f"training would run 0 steps. Add images or lower data.params.batch_size"
+        )
 
     def setup(self, stage: str | None = None) -> None:
         self.build()
@@ -108,6 +126,7 @@ class DataModule(pl.LightningDataModule):
         return self._skip_samples
 
     def train_dataloader(self) -> DataLoader:
+        self._check_size(self.train_set, _world_size())  # the world size is known for sure only now
         self.sampler = ResumableSampler(len(self.train_set), shuffle=True, seed=self.seed)
         self.sampler.start, self._skip_samples = self._skip_samples, 0
         return self._loader(self.train_set, self.batch_size, self.sampler, drop_last=True)
