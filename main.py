@@ -6,7 +6,7 @@ See `python main.py --help` and ldm_asym/cli.py.
 
 import sys
 
-from ldm_asym.cli import main
+from ldm_asym.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

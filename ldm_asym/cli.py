@@ -241,7 +241,34 @@ def _quiet() -> None:
         warnings.filterwarnings("ignore", message=msg)
 
 
+# What a bad config, path, data folder or checkpoint raises before training starts.
+SETUP_ERRORS = (ValueError, TypeError, KeyError, OSError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Check everything, set up, train. Raises on bad input (tests match the exception)."""
+    ready = prepare(argv)
+    return 0 if ready is None else train(*ready)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """`main.py`'s entry: a problem found before training is one line on stderr and exit code 2,
+    not a traceback; an error during training keeps its traceback."""
+    try:
+        ready = prepare(argv)
+    except SETUP_ERRORS as e:
+        print(f"main.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0 if ready is None else train(*ready)
+
+
+def train(trainer, model, data, resume_ckpt: Path | None) -> int:
+    trainer.fit(model, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    return 0
+
+
+def prepare(argv: list[str] | None = None):
+    """Parse, validate and build everything; (trainer, model, data, checkpoint), or None without -t."""
     import pytorch_lightning as pl
 
     _quiet()
@@ -322,12 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     trainer = build_trainer(config, trainer_kwargs, hardware, logdir, now)
     if not opt.train:
         print(f"config OK; run folder would be {logdir} (add -t to train)")
-        return 0
+        return None
     if trainer.global_rank == 0:
         check_writable(logdir, _checkpoint_bytes(model))
-    trainer.fit(model, datamodule=data, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
-    return 0
+    return trainer, model, data, resume_ckpt
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

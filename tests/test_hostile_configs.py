@@ -348,3 +348,22 @@ def test_overrides_that_break_the_config_shape_are_named(tmp_path, override, mat
 
     with pytest.raises(ValueError, match=match):
         main(["--base", "configs/tiny.yaml", "-l", str(tmp_path), override])
+
+
+@pytest.mark.parametrize("args,match", [
+    (["lightning.trainer.max_steps=ten"], "lightning.trainer.max_steps: must be"),
+    (["data.params.batch_size=5000"], "fewer than one batch of 5000"),
+    (["-r", "/nonexistent/run"], "cannot resume: /nonexistent/run does not exist"),
+])
+def test_main_py_reports_setup_problems_in_one_line(tmp_path, args, match):
+    """main.py itself: a problem found before training is a message and exit code 2, no traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    base = [] if args[0] == "-r" else ["--base", "configs/tiny.yaml"]
+    out = subprocess.run([sys.executable, "main.py", *base, "-t", "-l", str(tmp_path), *args], cwd=repo,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and re.search(match, out.stderr), out.stderr[-2000:]
