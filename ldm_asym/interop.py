@@ -182,12 +182,17 @@ def _count(sd: Mapping, pattern: str) -> int:
     return len({m.group(1) for k in sd if (m := re.match(pattern, k))})
 
 
-def infer_config(sd: Mapping[str, torch.Tensor]) -> dict:
+def _inferred(what: str, infer, sd: Mapping[str, torch.Tensor]) -> dict:
+    """`infer(sd)`, with a missing or misshaped tensor reported as such instead of a KeyError."""
     try:
-        return _infer_config(sd)
+        return infer(sd)
     except (KeyError, IndexError) as e:
-        raise ValueError(f"cannot infer the architecture from the tensors: {e} is missing or has an unexpected "
-                         f"shape (an incomplete or foreign autoencoder checkpoint?)") from e
+        raise ValueError(f"cannot infer the {what} from the tensors: {e} is missing or has an unexpected "
+                         f"shape (an incomplete or foreign checkpoint?)") from e
+
+
+def infer_config(sd: Mapping[str, torch.Tensor]) -> dict:
+    return _inferred("architecture", _infer_config, sd)
 
 
 def _infer_config(sd: Mapping[str, torch.Tensor]) -> dict:
@@ -220,11 +225,7 @@ def _infer_config(sd: Mapping[str, torch.Tensor]) -> dict:
 
 
 def infer_decoder_config(sd: Mapping[str, torch.Tensor]) -> dict:
-    try:
-        return _infer_decoder_config(sd)
-    except (KeyError, IndexError) as e:
-        raise ValueError(f"cannot infer the decoder's architecture from the tensors: {e} is missing or has an "
-                         f"unexpected shape (an incomplete or foreign decoder checkpoint?)") from e
+    return _inferred("decoder's architecture", _infer_decoder_config, sd)
 
 
 def _infer_decoder_config(sd: Mapping[str, torch.Tensor]) -> dict:

@@ -242,13 +242,11 @@ def test_make_masks_1x1_image_names_the_image_and_the_flag(tmp_path, capsys):
     assert "--size must be >= 16" in capsys.readouterr().err
 
 
-def test_make_masks_crash_leaves_nothing_that_blocks_a_rerun(tmp_path, monkeypatch, capsys):
-    folder = folder_with_goods(tmp_path, 3)
-    mod = script("make_masks")
-    real = Image.Image.save
-    calls = []
+def _disk_full_at_second_save(monkeypatch) -> None:
+    """Image.save writes half of the second file it is given, then fails as a full disk does."""
+    real, calls = Image.Image.save, []
 
-    def flaky(self, fp, *a, **kw):  # the disk fills up while the second mask is being written
+    def failing(self, fp, *a, **kw):
         calls.append(fp)
         if len(calls) == 2:
             with open(fp, "wb") if isinstance(fp, (str, Path)) else open(os.dup(fp.fileno()), "wb") as f:
@@ -256,13 +254,19 @@ def test_make_masks_crash_leaves_nothing_that_blocks_a_rerun(tmp_path, monkeypat
             raise OSError(28, "No space left on device")
         return real(self, fp, *a, **kw)
 
-    monkeypatch.setattr(Image.Image, "save", flaky)
+    monkeypatch.setattr(Image.Image, "save", failing)
+
+
+def test_make_masks_crash_leaves_nothing_that_blocks_a_rerun(tmp_path, monkeypatch, capsys):
+    folder = folder_with_goods(tmp_path, 3)
+    mod = script("make_masks")
+    _disk_full_at_second_save(monkeypatch)
     assert mod.main(["--images", str(folder)]) == 1
     err = capsys.readouterr().err
     assert "No space left on device" in err and "img1_mask.png" in err  # names the file
     assert [n for n in visible(folder) if "_mask" in n] == ["img0_mask.png"]  # no half-written img1_mask.png
     assert leftovers(folder) == []
-    monkeypatch.setattr(Image.Image, "save", real)
+    monkeypatch.undo()  # the disk has room again
     assert mod.main(["--images", str(folder)]) == 0  # img0_mask.png is identical: no --overwrite needed
     assert [n for n in visible(folder) if "_mask" in n] == [f"img{i}_mask.png" for i in range(3)]
 
@@ -334,18 +338,7 @@ def test_inpaint_outputs_are_atomic(tmp_path, monkeypatch):
     prep = inpaint.prepare(image, mask)
     results = {"vanilla": [prep.original], "asym": [prep.original]}
     out = tmp_path / "out"
-    real = Image.Image.save
-    calls = []
-
-    def failing(self, fp, *a, **kw):  # the disk fills up in the middle of the second file
-        calls.append(fp)
-        if len(calls) == 2:
-            with open(fp, "wb") if isinstance(fp, (str, Path)) else open(os.dup(fp.fileno()), "wb") as f:
-                f.write(b"\x89PNG half a file")
-            raise OSError(28, "No space left on device")
-        return real(self, fp, *a, **kw)
-
-    monkeypatch.setattr(Image.Image, "save", failing)
+    _disk_full_at_second_save(monkeypatch)
     with pytest.raises(OSError, match="image_asym_0.png"):
         inpaint.save_results(out, "image", prep, results)
     assert visible(out) == ["image_vanilla_0.png"] and leftovers(out) == []
