@@ -189,29 +189,52 @@ def test_ddp_syncs_g_and_d_separately_and_ranks_agree(tmp_path, spelling, accumu
     assert load(run / "checkpoints" / "last.ckpt")["global_step"] == steps
 
 
-def test_torchrun_trains_in_one_folder_and_a_relaunch_resumes(tmp_path):
-    """torchrun --nproc_per_node 2 main.py ...: rank 1 is killed at step 7; the same job launched
-    again (same --rdzv-id, as a scheduler's retry does) finds its run folder and resumes from step 5."""
+def test_torchrun_trains_in_one_folder_restarts_and_a_relaunch_resumes(tmp_path):
+    """torchrun --nproc_per_node 2 --max-restarts 1 main.py ...: rank 1 is killed at step 7, torchrun
+    restarts both workers, which find the run folder and resume from step 5 (not 0) and finish; the
+    same job launched again (same --rdzv-id, as a scheduler's retry does) resumes from step 10."""
     logs = tmp_path / "logs"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "job-17", _wrapper(tmp_path),
-           "--base", TINY, "-t", "-l", str(logs), *FAST, "lightning.trainer.max_steps=10",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "job-17",
+           _wrapper(tmp_path), "--base", TINY, "-t", "-l", str(logs), *FAST, "lightning.trainer.max_steps=10",
            "lightning.callbacks.checkpoint.every_n_steps=5", "model.params.loss.params.disc_start=3"]
-    out = subprocess.run(cmd, env=_env(tmp_path, DIE_AT_STEP="7", DIE_RANK="1"), cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode != 0
+    elastic = dict(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")  # see launch._check_elastic_restarts
+    out = subprocess.run(cmd, env=_env(tmp_path, DIE_AT_STEP="7", DIE_RANK="1", **elastic), cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     run = _only_run(logs)
-    assert load(run / "checkpoints" / "last.ckpt")["global_step"] == 5  # never the half step of the crash
+    assert "torchrun job torchrun-job-17 restarted: resuming from" in out.stdout + out.stderr
+    r0, r1 = _ranks(tmp_path)
+    assert r0["batches"][0]["batch"] == 6  # the restart continued after step 5, not from 0
+    assert r0["g"] == r1["g"] and r0["d"] == r1["d"]
+    assert load(run / "checkpoints" / "last.ckpt")["global_step"] == 10
+
     cmd[cmd.index("--rdzv-endpoint") + 1] = f"127.0.0.1:{_free_port()}"
-    out = subprocess.run(cmd, env=_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300)
+    cmd[cmd.index("lightning.trainer.max_steps=10")] = "lightning.trainer.max_steps=12"
+    out = subprocess.run(cmd, env=_env(tmp_path, **elastic), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert _only_run(logs) == run
-    assert "torchrun job torchrun-job-17 restarted: resuming from" in out.stdout + out.stderr
     final = load(run / "checkpoints" / "last.ckpt")
-    assert final["global_step"] == 10 and final["ldm_asym"]["batches_seen"] == 10
-    r0, r1 = _ranks(tmp_path)
-    assert r0["batches"][0]["batch"] == 6  # continued after step 5, not from 0
-    assert r0["g"] == r1["g"] and r0["d"] == r1["d"]
+    assert final["global_step"] == 12 and final["ldm_asym"]["batches_seen"] == 12
+    assert _ranks(tmp_path)[0]["batches"][0]["batch"] == 11
+
+
+def test_elastic_restarts_with_a_shared_store_are_refused_at_start(monkeypatch, capsys):
+    """torchrun --max-restarts N shares its store with the workers (torch >= 2.5 default): a restart
+    would read the dead attempt's keys, so main.py refuses before training and names the switch."""
+    from ldm_asym.cli import run
+
+    for k, v in dict(TORCHELASTIC_RUN_ID="job", RANK="0", LOCAL_RANK="0", GROUP_RANK="0", WORLD_SIZE="2",
+                     LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29500",
+                     TORCHELASTIC_MAX_RESTARTS="3", TORCHELASTIC_USE_AGENT_STORE="True").items():
+        monkeypatch.setenv(k, v)
+    assert run(["--base", TINY, "-t"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-restarts 3" in err and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in err
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # what the switch gives the workers
+    from ldm_asym.train.launch import launcher
+
+    assert launcher()["key"] == "torchrun-job"
 
 
 def test_launcher_job_keys(monkeypatch):

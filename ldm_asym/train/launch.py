@@ -36,6 +36,7 @@ def launcher() -> dict | None:
         return dict(name="slurm", world_size=world, local_world_size=world // nodes, nodes=nodes,
                     rank=int(os.environ.get("SLURM_PROCID", 0)), key=f"slurm-{job}")
     if TorchElasticEnvironment.detect():
+        _check_elastic_restarts()
         world = int(os.environ["WORLD_SIZE"])
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
@@ -44,6 +45,24 @@ def launcher() -> dict | None:
         return dict(name="torchrun", world_size=world, local_world_size=local, nodes=max(1, world // local),
                     rank=int(os.environ.get("RANK", 0)), key=f"torchrun-{run_id}")
     return None
+
+
+def _check_elastic_restarts() -> None:
+    """Refuse `torchrun --max-restarts N` while the workers share the agent's rendezvous store.
+
+    torch >= 2.5 shares that store with the workers and keeps it across restarts, and the restarted
+    process group reads the dead attempt's keys: gloo connects to the dead peer's old port, NCCL
+    can get the old unique id (pytorch/pytorch#135712, #167288). Measured on CPU: 2 of 4 elastic
+    restarts failed in connectFullMesh with it, 5 of 5 recovered without it. Refused at start,
+    where it costs nothing, instead of at the first restart, days in.
+    """
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS") or 0)
+    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise ValueError(
+            f"torchrun --max-restarts {restarts} with a rendezvous store shared with the workers: a restarted "
+            f"attempt reads the dead attempt's keys and fails to connect (pytorch/pytorch#135712). Launch "
+            f"with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment, e.g. "
+            f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --max-restarts {restarts} ...")
 
 
 def _start_time(pid: int) -> str:
