@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 # Config loading and checks live in ldm_asym.config; re-exported here (tests and scripts import them from cli).
 from ldm_asym.config import (  # noqa: F401
     CALLBACK_KEYS, LIGHTNING_KEYS, TOP_LEVEL, _signature, _type_problem, check_config, check_paths, load_config,
-    validate,
+    merge, validate,
 )
 
 RUN_DIR_ENV = "LDM_ASYM_RUN_DIR"  # DDP children re-run this script; they must reuse rank 0's folder
@@ -322,7 +322,7 @@ def prepare(argv: list[str] | None = None):
 
     configs = [load_config(b) for b in base]
     try:
-        config = OmegaConf.merge(*configs, OmegaConf.from_dotlist(unknown))
+        config = merge(*configs, OmegaConf.from_dotlist(unknown))
     except Exception as e:  # noqa: BLE001 - OmegaConf's errors: say which override and why
         raise ValueError(f"cannot apply the overrides {unknown} to {base}: {type(e).__name__}: {e}") from e
     validate(config)  # before anything below reads a section that might be missing

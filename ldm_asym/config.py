@@ -300,11 +300,38 @@ def load_config(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> DictC
         return cfg
     if not isinstance(parent, str):
         raise ValueError(f"config {path}: `inherit:` must be a file name; got {parent!r}")
-    return OmegaConf.merge(load_config(path.parent / parent, (*_chain, path.resolve())), cfg)
+    return merge(load_config(path.parent / parent, (*_chain, path.resolve())), cfg)
+
+
+def merge(*configs: DictConfig) -> DictConfig:
+    """OmegaConf.merge, except that a later config which swaps a `target` also drops the earlier
+    `params` beside it: the old class's arguments (ImageNetDataset's `split`) mean nothing to the new
+    one (ShardDataset). A later config that keeps the target merges its params as usual."""
+    out = configs[0]
+    for cfg in configs[1:]:
+        out = OmegaConf.merge(_drop_swapped_params(out, cfg), cfg)
+    return out
+
+
+def _drop_swapped_params(old: DictConfig, new: DictConfig) -> DictConfig:
+    if not isinstance(old, DictConfig) or not isinstance(new, DictConfig):
+        return old
+    keys = [k for k in new.keys() if k in old]
+    swapped = "target" in keys and OmegaConf.select(new, "target") != OmegaConf.select(old, "target")
+    if not swapped and not any(isinstance(new._get_node(k), DictConfig) for k in keys):
+        return old
+    old = old.copy()
+    if swapped and "params" in old:
+        old.pop("params")
+    for k in keys:
+        if k in old and isinstance(old._get_node(k), DictConfig) and isinstance(new._get_node(k), DictConfig):
+            old[k] = _drop_swapped_params(old[k], new[k])
+    return old
 
 
 def check_paths(config: DictConfig) -> None:
     """Missing SD VAE / data folders fail here, before any weights are loaded or files scanned."""
+    from ldm_asym.data.shards import INDEX, REMOTE
     from ldm_asym.interop import missing_source_message
 
     src = OmegaConf.select(config, "model.params.vae_source")
@@ -322,3 +349,8 @@ def check_paths(config: DictConfig) -> None:
             raise FileNotFoundError(
                 f"{split} data folder not found: {root}. Set data.params.{split}.params.root "
                 f"(or paths.imagenet for the ImageNet configs)")
+        shards = OmegaConf.select(config, f"data.params.{split}.params.input_dir")
+        if shards is not None and not str(shards).startswith(REMOTE) and not (Path(str(shards)) / INDEX).is_file():
+            raise FileNotFoundError(
+                f"{split} shards not found: {shards} has no {INDEX}. Set data.params.{split}.params.input_dir "
+                f"(or paths.shards / paths.shards_val in the presets); write shards with scripts/make_shards.py")

@@ -71,7 +71,7 @@ def test_sample_contract(tmp_path):
         assert len(ds) == 4
         for i in range(len(ds)):
             s = ds[i]
-            assert set(s) == {"image", "mask", "n_skipped"}
+            assert set(s) == {"image", "mask", "index", "n_skipped"}
             assert s["image"].shape == (3, 32, 32) and s["image"].dtype == torch.float32
             assert -1.0 <= s["image"].min() and s["image"].max() <= 1.0
             assert s["mask"].shape == (1, 32, 32) and s["mask"].dtype == torch.float32

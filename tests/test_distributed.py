@@ -4,6 +4,7 @@ resume after a restart. Each test fails without the handling it names."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -53,7 +54,8 @@ WRAPPER = textwrap.dedent('''
         return real_step(self, batch, batch_idx)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        batches.append({"batch": self._batches_seen, "step": self.global_step, **counts})
+        batches.append({"batch": self._batches_seen, "step": self.global_step, "epoch": self.current_epoch,
+                        "index": batch["index"].tolist(), **counts})
         counts.update(g=0, d=0)
 
     def digest(module):
@@ -172,9 +174,8 @@ def test_one_process_stays_single_device():
 
 # ---------------------------------------------------------------------- real 2-process runs
 @pytest.mark.parametrize("spelling,accumulate", [
-    (["lightning.trainer.devices=2"], 1),
     (['lightning.trainer.devices="2"', "lightning.trainer.strategy=ddp"], 2),
-])
+])  # devices=2 without accumulation: the shards test below
 def test_ddp_syncs_g_and_d_separately_and_ranks_agree(tmp_path, spelling, accumulate):
     steps, disc_start = 4, 2
     cmd = [sys.executable, _wrapper(tmp_path), "--base", TINY, "-t", "-l", str(tmp_path / "logs"), *FAST, *spelling,
@@ -187,6 +188,52 @@ def test_ddp_syncs_g_and_d_separately_and_ranks_agree(tmp_path, spelling, accumu
     _check_sync(_ranks(tmp_path), disc_start, accumulate)
     run = _only_run(tmp_path / "logs")  # both ranks wrote into rank 0's run folder
     assert load(run / "checkpoints" / "last.ckpt")["global_step"] == steps
+
+
+def test_two_ranks_train_from_shards_disjointly_and_resume_exactly(tmp_path):
+    """Shards written by scripts/make_shards.py, `devices=2`: G and D sync as they should, within an
+    epoch no sample is drawn twice (across ranks or within one), and a run resumed mid-epoch ends
+    bit for bit like the straight one."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs").mkdir()
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (72, 80, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i:02d}.png")
+    subprocess.run([sys.executable, "scripts/make_shards.py", "--input", str(tmp_path / "imgs"), "--out",
+                    str(tmp_path / "shards"), "--part-size", "16"], cwd=REPO, check=True, capture_output=True)
+    # 40 images, 2 ranks x batch 4: 5 steps per epoch; 8 steps cross into epoch 1; cut at step 3.
+    args = ["--base", str(REPO / "configs/tiny_shards.yaml"), "-t", *FAST, f"paths.shards={tmp_path / 'shards'}",
+            "lightning.trainer.accelerator=cpu", "lightning.trainer.devices=2", "lightning.trainer.max_steps=8",
+            "lightning.callbacks.checkpoint.every_n_steps=3", "model.params.loss.params.disc_start=2",
+            "model.params.scale_lr=true", "model.params.base_learning_rate=1e-5"]
+    out = subprocess.run([sys.executable, _wrapper(tmp_path), *args, "-l", str(tmp_path / "a")], env=_env(tmp_path),
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "lr = 2 (world) x 4 (batch) x 1 (accumulation)" in out.stdout + out.stderr
+    ranks = _ranks(tmp_path)
+    _check_sync(ranks, disc_start=2)
+    for epoch in (0, 1):
+        drawn = [i for r in ranks for b in r["batches"] if b["epoch"] == epoch for i in b["index"]]
+        assert len(drawn) == len(set(drawn)) == (40 if epoch == 0 else 3 * 8), (epoch, drawn)
+    straight = _only_run(tmp_path / "a")
+
+    cut = tmp_path / "b" / "cut_tiny_shards"
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "configs", cut / "configs")
+    shutil.copy(straight / "checkpoints" / "step-000003.ckpt", cut / "checkpoints" / "last.ckpt")
+    for p in (tmp_path / "comm").glob("*.json"):
+        p.unlink()
+    out = subprocess.run([sys.executable, _wrapper(tmp_path), "-r", str(cut), "-t", *FAST], env=_env(tmp_path),
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed = _ranks(tmp_path)
+    assert resumed[0]["batches"][0]["index"] == ranks[0]["batches"][3]["index"]  # mid-epoch, same samples
+    a, b = load(straight / "checkpoints" / "last.ckpt"), load(cut / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == 8
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
 
 
 def test_torchrun_trains_in_one_folder_restarts_and_a_relaunch_resumes(tmp_path):

@@ -140,7 +140,8 @@ def test_valid_variants_still_pass(tmp_path):
 
     from ldm_asym.cli import load_config, validate
 
-    for name in ("tiny", "demo", "demo_stage1", "asym_base", "asym_large_1.5x", "asym_large_2x"):
+    for name in ("tiny", "tiny_shards", "demo", "demo_stage1", "asym_base", "asym_large_1.5x", "asym_large_2x",
+                 "asym_sdxl", "asym_flux"):
         validate(load_config(corpus.ROOT / "configs" / f"{name}.yaml"))
     cfg = OmegaConf.merge(load_config(TINY), OmegaConf.from_dotlist([
         f"{AE}.vae_config._class_name=AutoencoderKL", f"{AE}.vae_config._diffusers_version=0.42.0",
@@ -367,3 +368,20 @@ def test_main_py_reports_setup_problems_in_one_line(tmp_path, args, match):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and re.search(match, out.stderr), out.stderr[-2000:]
+
+
+def test_swapping_a_target_drops_the_old_params():
+    """A later config (or a dotlist) that changes a dataset's `target` must not hand the new class the
+    old one's arguments (ImageNetDataset's `split` to ShardDataset): its params start afresh."""
+    from omegaconf import OmegaConf
+
+    from ldm_asym.config import load_config, merge
+
+    base = load_config(corpus.ROOT / "configs" / "asym_base.yaml")
+    swapped = merge(base, OmegaConf.from_dotlist(["data.params.train.target=ldm_asym.data.ShardDataset",
+                                                  "data.params.train.params.input_dir=x"]))
+    assert OmegaConf.to_container(swapped.data.params.train.params) == {"input_dir": "x"}
+    kept = merge(base, OmegaConf.from_dotlist(["data.params.train.params.size=128"]))
+    assert kept.data.params.train.params.split == "train" and kept.data.params.train.params.size == 128
+    sdxl = load_config(corpus.ROOT / "configs" / "asym_sdxl.yaml")  # through `inherit:` too
+    assert "split" not in sdxl.data.params.train.params and "root" not in sdxl.data.params.validation.params

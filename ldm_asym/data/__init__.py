@@ -10,6 +10,7 @@ from ldm_asym.data.datasets import (
     load_image,
 )
 from ldm_asym.data.masks import PRESETS, MaskGenerator, load_mask
+from ldm_asym.data.shards import ShardDataset
 
 __all__ = [
     "PRESETS",
@@ -17,6 +18,7 @@ __all__ = [
     "ImageFolderDataset",
     "ImageNetDataset",
     "MaskGenerator",
+    "ShardDataset",
     "SkimageDataset",
     "UnusableImageError",
     "list_images",

@@ -1,7 +1,7 @@
 """Training / validation datasets: the paper's random square crops plus LaMa masks.
 
 Every dataset returns `{"image": 3×S×S float32 in [-1, 1], "mask": 1×S×S float32 (1 = hole),
-"n_skipped": int}`. File-backed datasets skip unreadable images (trying the next index) and
+"index": int, "n_skipped": int}`. File-backed datasets skip unreadable images (trying the next index) and
 report how many were skipped per sample, so the training loop can sum it across workers.
 
 Items are fetched with an index, or with `(index, seed)` as ldm_asym.train.data.ResumableSampler
@@ -18,7 +18,7 @@ import os
 import struct
 import warnings
 import zlib
-from typing import NamedTuple, Sequence
+from typing import BinaryIO, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -68,8 +68,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
-    """Decode `path` to an upright (EXIF-rotated) 8-bit RGB image, or raise UnusableImageError.
+def load_image(path: str | os.PathLike | BinaryIO, min_side: int | None = None) -> Image.Image:
+    """Decode `path` (a file name or a binary file object) to an upright (EXIF-rotated) 8-bit RGB image, or raise UnusableImageError.
 
     `min_side` is the smallest short side the caller needs: JPEGs are then decoded at a reduced
     DCT scale (Image.draft), which is several times faster for large photos.
@@ -146,20 +146,59 @@ class _CropMaskDataset(Dataset):
         # Validation masks are fixed per sample; training ones follow torch's RNG like the crops.
         return int(torch.randint(2**31, (), generator=generator)) if self.train else idx
 
-    def _sample(self, im: Image.Image, crop: Crop, mask_seed: int, n_skipped: int = 0) -> dict:
+    def _sample(self, im: Image.Image, crop: Crop, mask_seed: int, index: int, n_skipped: int = 0) -> dict:
         return {
+            "index": index,  # the index drawn (before skips): which sample a batch row is
             "image": to_tensor(crop_resize(im, self.size, crop)),
             "mask": self.masks(mask_seed),
             "n_skipped": n_skipped,
         }
 
 
-class _FileImageDataset(_CropMaskDataset):
-    """Images from files; an unusable file is skipped (next index), logged and counted."""
+class _SkippingDataset(_CropMaskDataset):
+    """Images from a source that may hold unusable ones: such an image is skipped (the next index
+    is tried), logged and counted. Subclasses say how to decode an index and how to name it."""
 
     max_consecutive_failures = 50
     _log_first = 10
     _log_every = 100
+    root = ""  # where the images come from, for messages
+
+    def _decode(self, idx: int, min_side: int) -> Image.Image:  # raises UnusableImageError
+        raise NotImplementedError
+
+    def _name(self, idx: int) -> str:
+        raise NotImplementedError
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        n = len(self)
+        idx, generator = self._parse_key(key, n)
+        crop = self._random_crop(generator) if self.train else Crop()
+        seed = self._mask_seed(idx, generator)
+        # The DCT downscale may shrink the image only as far as the crop still covers `size` px.
+        min_side = math.ceil(self.size / crop.scale)
+        reason = ""
+        for k in range(min(n, self.max_consecutive_failures)):
+            try:
+                im = self._decode((idx + k) % n, min_side)
+            except UnusableImageError as e:
+                reason = str(e)
+                self._report_skip(self._name((idx + k) % n), reason)
+                continue
+            return self._sample(im, crop, seed, idx, n_skipped=k)
+        raise RuntimeError(
+            f"{min(n, self.max_consecutive_failures)} consecutive images from {self._name(idx)} could not be "
+            f"read (last error: {reason}); the image source under {self.root} looks broken"
+        )
+
+    def _report_skip(self, name: str, reason: str) -> None:
+        self.skipped += 1
+        if self.skipped <= self._log_first or self.skipped % self._log_every == 0:
+            log.warning("skipping unusable image %s (%s); %d skipped so far in this process", name, reason, self.skipped)
+
+
+class _FileImageDataset(_SkippingDataset):
+    """Images from files under `root`."""
 
     def __init__(self, root: str, files: Sequence[str], size, train, crop_min, flip, masks):
         super().__init__(size, train, crop_min, flip, masks)
@@ -176,32 +215,10 @@ class _FileImageDataset(_CropMaskDataset):
         # os.path.join keeps absolute entries as they are.
         return os.path.join(self.root, os.fsdecode(self._files[idx]))
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        n = len(self)
-        idx, generator = self._parse_key(key, n)
-        crop = self._random_crop(generator) if self.train else Crop()
-        seed = self._mask_seed(idx, generator)
-        # The DCT downscale may shrink the image only as far as the crop still covers `size` px.
-        min_side = math.ceil(self.size / crop.scale)
-        reason = ""
-        for k in range(min(n, self.max_consecutive_failures)):
-            path = self.path((idx + k) % n)
-            try:
-                im = load_image(path, min_side)
-            except UnusableImageError as e:
-                reason = str(e)
-                self._report_skip(path, reason)
-                continue
-            return self._sample(im, crop, seed, n_skipped=k)
-        raise RuntimeError(
-            f"{min(n, self.max_consecutive_failures)} consecutive images from {self.path(idx)} could not be "
-            f"read (last error: {reason}); the image source under {self.root} looks broken"
-        )
+    _name = path
 
-    def _report_skip(self, path: str, reason: str) -> None:
-        self.skipped += 1
-        if self.skipped <= self._log_first or self.skipped % self._log_every == 0:
-            log.warning("skipping unusable image %s (%s); %d skipped so far in this process", path, reason, self.skipped)
+    def _decode(self, idx: int, min_side: int) -> Image.Image:
+        return load_image(self.path(idx), min_side)
 
 
 def _normalise_extensions(extensions: Sequence[str]) -> tuple[str, ...]:
@@ -527,4 +544,4 @@ class SkimageDataset(_CropMaskDataset):
         if not self.train:  # a fixed crop per index, whatever seed comes with it
             generator = torch.Generator().manual_seed(idx)
         photo = self.photos[int(torch.randint(len(self.photos), (), generator=generator))]
-        return self._sample(photo, self._random_crop(generator), self._mask_seed(idx, generator))
+        return self._sample(photo, self._random_crop(generator), self._mask_seed(idx, generator), idx)
