@@ -1,4 +1,4 @@
-"""Evaluation metrics for inpainting reconstructions, in plain torch.
+"""Evaluation metrics for inpainting reconstructions: per image, region-aware.
 
 Conventions: images are float tensors in [-1, 1], shape (B, 3, H, W); masks are (B, 1, H, W) (or
 (B, H, W)) with **1 = hole (generated), 0 = known pixel**; soft masks are binarised at 0.5
@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchmetrics.functional.image import structural_similarity_index_measure
 
 # PSNR of identical images: MSE is floored at 1e-10, i.e. PSNR is capped at 100 dB (finite, so
 # means over a test set stay meaningful).
@@ -132,39 +133,30 @@ SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 
 
-def _gaussian_1d(size: int, sigma: float, device, dtype) -> torch.Tensor:
-    r = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
-    g = torch.exp(-(r**2) / (2 * sigma**2))
-    return g / g.sum()
-
-
 def _ssim_map(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """`ssim_map` in the accumulation dtype (float64 except on MPS)."""
     _check_pair(x, y)
-    b, c, h, w = x.shape
+    h, w = x.shape[-2:]
     if h < SSIM_WIN or w < SSIM_WIN:
         raise ValueError(f"SSIM needs images of at least {SSIM_WIN}x{SSIM_WIN}; got {h}x{w}")
-    x01, y01 = _acc(to01(x)), _acc(to01(y))
-    g = _gaussian_1d(SSIM_WIN, SSIM_SIGMA, x.device, x01.dtype)
-    gh = g.view(1, 1, 1, SSIM_WIN).expand(c, 1, 1, SSIM_WIN)
-    gv = g.view(1, 1, SSIM_WIN, 1).expand(c, 1, SSIM_WIN, 1)
-
-    def blur(t: torch.Tensor) -> torch.Tensor:  # separable depthwise Gaussian, valid padding
-        return F.conv2d(F.conv2d(t, gh, groups=c), gv, groups=c)
-
-    mu_x, mu_y = blur(x01), blur(y01)
-    var_x = blur(x01 * x01) - mu_x**2
-    var_y = blur(y01 * y01) - mu_y**2
-    cov = blur(x01 * y01) - mu_x * mu_y
-    c1, c2 = SSIM_K1**2, SSIM_K2**2
-    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return s.mean(dim=1, keepdim=True)
+    # torchmetrics sizes the Gaussian window from sigma (int(3.5·σ + 0.5)·2 + 1 = 11 for σ = 1.5), pads
+    # the images by reflection and returns the map for every pixel. Its per-image value averages the
+    # padded border too, which skimage (and the published SSIM) does not: keep the valid windows only.
+    _, full = structural_similarity_index_measure(
+        _acc(to01(x)), _acc(to01(y)), gaussian_kernel=True, sigma=SSIM_SIGMA, kernel_size=SSIM_WIN,
+        data_range=1.0, k1=SSIM_K1, k2=SSIM_K2, reduction="none", return_full_image=True)
+    if full.shape[-2:] != (h, w):  # other torchmetrics versions shaped the map differently
+        raise RuntimeError(f"torchmetrics' SSIM map is {tuple(full.shape[-2:])} for {h}x{w} images; "
+                           f"this code expects the full-image map of torchmetrics >= 1.9")
+    pad = (SSIM_WIN - 1) // 2
+    return full[..., pad:-pad, pad:-pad].mean(dim=1, keepdim=True)
 
 
 def ssim_map(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The SSIM map on [0, 1], mean over channels: (B, 1, H - 10, W - 10) ("valid" windows), fp32.
 
-    Gaussian window 11×11, σ = 1.5, K1 = 0.01, K2 = 0.03, data range 1, population (not sample)
+    torchmetrics' ``structural_similarity_index_measure(return_full_image=True)``, cropped to the
+    windows that fit inside the image. Gaussian window 11×11, σ = 1.5, K1 = 0.01, K2 = 0.03, data range 1, population (not sample)
     covariances: the same numbers as ``skimage.metrics.structural_similarity(gaussian_weights=True,
     sigma=1.5, use_sample_covariance=False, data_range=1)``, which filters with reflect padding and
     then discards the 5-px border, i.e. keeps exactly the valid windows.

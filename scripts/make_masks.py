@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ldm_asym.data.masks import PRESETS, MaskGenerator
-from ldm_asym.evaluation import displayed_size, list_eval_images, mask_seed, printable
+from ldm_asym.eval.data import displayed_size, list_eval_images, mask_seed, printable
 from ldm_asym.util import atomic_write
 
 MIN_SIDE = 16  # MaskGenerator's smallest side

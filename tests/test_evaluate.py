@@ -12,7 +12,13 @@ import torch
 from PIL import Image
 
 from conftest import TINY_VAE, make_asym, make_vae
-from ldm_asym import evaluation as E
+from ldm_asym import metrics as M
+from ldm_asym.eval import data as D
+from ldm_asym.eval import decoders as V
+from ldm_asym.eval import inception as IN
+from ldm_asym.eval import inpainting as I
+from ldm_asym.eval import models as MD
+from ldm_asym.eval import report as R
 
 EXAMPLES = Path(__file__).parents[1].parent / "shared/data/inpainting_examples"
 needs_examples = pytest.mark.skipif(not (EXAMPLES / "bench2_mask.png").is_file(),
@@ -45,13 +51,13 @@ def batch(b=2, h=32, w=32, seed=0):
 # ---------------------------------------------------------------------- aggregation
 def test_identity_and_offset_decoders_give_hand_computed_values(tmp_path):
     b = batch()
-    res = E.run([b], lambda image, mask: {"ours": image.clone(), "offset": image + 0.2}, lpips={})
+    res = I.run([b], lambda image, mask: {"ours": image.clone(), "offset": image + 0.2}, lpips={})
     known = 32 * 32 - 12 * 16
     rows = {(r["image"], r["decoder"]): r for r in res.rows}
     assert len(rows) == 4
     for name in b["name"]:
         same, off = rows[(name, "ours")], rows[(name, "offset")]
-        assert same["psnr"] == same["psnr_known"] == E.M.PSNR_MAX_DB
+        assert same["psnr"] == same["psnr_known"] == M.PSNR_MAX_DB
         assert same["unmasked_mse"] == same["unmasked_sse"] == 0
         assert same["ssim"] == pytest.approx(1.0, abs=1e-6)
         # +0.2 in [-1, 1] is +0.1 in [0, 1]: MSE 0.01 everywhere -> 20 dB
@@ -64,7 +70,7 @@ def test_identity_and_offset_decoders_give_hand_computed_values(tmp_path):
 
     reason = "vgg16-397923af.pth not in the hub cache"
     unavailable = {"lpips_vgg": reason, "lpips_vgg_band": reason, "fid": "no weights"}
-    summary = E.summarise(res, unavailable)
+    summary = I.summarise(res, unavailable)
     assert summary["offset"]["psnr"] == {"available": True, "mean": pytest.approx(20.0, abs=1e-4),
                                          "std": pytest.approx(0, abs=1e-4), "n": 2}
     assert summary["ours"]["lpips_vgg"] == {"available": False, "reason": reason}
@@ -72,16 +78,16 @@ def test_identity_and_offset_decoders_give_hand_computed_values(tmp_path):
     # never dropped: a metric that was simply not computed still has an entry
     assert summary["ours"]["lpips_alex"]["available"] is False
 
-    E.write_csv(tmp_path / "per_image.csv", res.rows)
+    I.write_csv(tmp_path / "per_image.csv", res.rows)
     with open(tmp_path / "per_image.csv") as f:
         csv_rows = list(csv.DictReader(f))
-    assert list(csv_rows[0]) == ["image", "decoder", "hole_fraction", *E.PER_IMAGE]
+    assert list(csv_rows[0]) == ["image", "decoder", "hole_fraction", *I.PER_IMAGE]
     assert csv_rows[0]["lpips_vgg"] == ""  # unavailable: an empty cell, the column is still there
     for dec in ("ours", "offset"):
         for key in ("psnr", "unmasked_sse", "ssim_hole"):
             vals = [float(r[key]) for r in csv_rows if r["decoder"] == dec]
             assert np.mean(vals) == pytest.approx(summary[dec][key]["mean"], rel=1e-5)
-    md = E.markdown({"config": dict(n_images=2, size=32, masks="m", ckpt="c", baseline="b", latents="L"),
+    md = I.markdown({"config": dict(n_images=2, size=32, masks="m", ckpt="c", baseline="b", latents="L"),
                      "decoders": summary})
     assert "| offset | 20 |" in md and reason in md
 
@@ -89,10 +95,10 @@ def test_identity_and_offset_decoders_give_hand_computed_values(tmp_path):
 def test_empty_hole_gives_nan_not_a_crash():
     b = batch()
     b["mask"] = torch.zeros_like(b["mask"])
-    res = E.run([b], lambda image, mask: {"ours": image + 0.2}, lpips={})
-    s = E.summarise(res, {})["ours"]
+    res = I.run([b], lambda image, mask: {"ours": image + 0.2}, lpips={})
+    s = I.summarise(res, {})["ours"]
     assert s["psnr_hole"]["n"] == 0 and math.isnan(s["psnr_hole"]["mean"])
-    assert E._no_nan(s)["psnr_hole"]["mean"] is None  # summary.json stays strict JSON
+    assert R.no_nan(s)["psnr_hole"]["mean"] is None  # summary.json stays strict JSON
 
 
 class _Posterior:
@@ -123,7 +129,7 @@ def test_paste_keeps_known_pixels_exactly_and_latents_are_shared(shared):
     model, base = _Stub(1.0), _Stub(-1.0)
     image = torch.rand(2, 3, 16, 16) * 2 - 1
     soft = torch.rand(2, 1, 16, 16)  # binarised at 0.5 everywhere
-    outs = E.Reconstructor(model, base, shared_latents=shared)(image, soft)
+    outs = V.Reconstructor(model, base, shared_latents=shared)(image, soft)
     hole = soft >= 0.5
     vanilla = image * (0.5 if shared else -0.5)
     assert torch.equal(outs["vanilla"], vanilla.clamp(-1, 1))
@@ -131,48 +137,84 @@ def test_paste_keeps_known_pixels_exactly_and_latents_are_shared(shared):
     assert torch.equal(outs["paste"][hole.expand_as(image)], outs["vanilla"][hole.expand_as(image)])
     assert torch.equal(outs["ours"], (image * 0.5 + hole.float()).clamp(-1, 1))  # got the binary mask
     assert base.encoded == (0 if shared else 1)
-    scores = E.image_metrics(outs["paste"], image, soft, {})
-    assert (scores["unmasked_sse"] == 0).all() and (scores["psnr_known"] == E.M.PSNR_MAX_DB).all()
+    scores = I.image_metrics(outs["paste"], image, soft, {})
+    assert (scores["unmasked_sse"] == 0).all() and (scores["psnr_known"] == M.PSNR_MAX_DB).all()
 
 
-def test_frechet_distance_closed_form_and_fid_accumulator():
-    # 1-D: (mu1 - mu2)^2 + s1 + s2 - 2 sqrt(s1 s2) = 4 + 4 + 1 - 4
-    assert E.frechet_distance([1.0], [[4.0]], [3.0], [[1.0]]) == pytest.approx(5.0)
-    s1, s2 = torch.diag(torch.tensor([1.0, 9.0])), torch.diag(torch.tensor([4.0, 1.0]))
-    assert E.frechet_distance([0, 0], s1, [1, 1], s2) == pytest.approx(2 + (1 + 4 - 4) + (9 + 1 - 6))
+class PixelMean(torch.nn.Module):
+    """A one-feature stand-in "Inception": uint8 images -> their mean value."""
 
-    class ChannelMeans(torch.nn.Module):  # a stand-in "Inception": uint8 images -> 3 features
-        def forward(self, x):
-            assert x.dtype == torch.uint8
-            return x.float().mean(dim=(2, 3))
+    num_features = 1
 
-    fid = E.FID(ChannelMeans())
-    real, fake = torch.rand(5, 3, 8, 8) * 2 - 1, torch.rand(5, 3, 8, 8) * 2 - 1
-    fid.add("real", real[:3])
-    fid.add("real", real[3:])  # accumulated over batches
+    def forward(self, x):
+        assert x.dtype == torch.uint8  # FIDSet quantises, as saved images would be
+        return x.float().mean(dim=(1, 2, 3))[:, None]
+
+
+class ChannelStats(torch.nn.Module):
+    """A six-feature stand-in: per-channel mean and std of the uint8 image."""
+
+    def forward(self, x):
+        x = x.float()
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], 1)
+
+
+def flat(values):
+    """Constant images whose uint8 pixel value is each of `values` ([-1, 1] in, exact after quantisation)."""
+    return torch.tensor(values, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 3, 4, 4) / 127.5 - 1
+
+
+def test_fid_is_torchmetrics_closed_form_on_one_feature():
+    # real features 10, 20, 30, 40: mean 25, unbiased variance 500/3; fake 12, 16: mean 14, variance 8.
+    fid = IN.FIDSet(PixelMean(), ["a", "b"])
+    fid.add_real(flat([10, 20]))
+    fid.add_real(flat([30, 40]))  # accumulated over batches, shared by every set
+    fid.add("a", flat([12, 16]))
+    fid.add("b", flat([10, 20, 30, 40]))
+    s1, s2 = 500 / 3, 8.0
+    expected = (25 - 14) ** 2 + s1 + s2 - 2 * math.sqrt(s1 * s2)
+    assert fid.compute("a") == pytest.approx(expected, rel=1e-6)
+    assert fid.compute("a") == pytest.approx(expected, rel=1e-6)  # the real state is merged once only
+    assert fid.compute("b") == pytest.approx(0, abs=1e-3)  # same distribution
+    one = IN.FIDSet(PixelMean(), ["a"])
+    one.add_real(flat([10, 20]))
+    one.add("a", flat([10]))
+    with pytest.raises(MD.Unavailable, match="at least 2 images; got 1"):
+        one.compute("a")
+
+
+def test_fid_agrees_with_scipy_and_the_previous_implementation():
+    """Six features: against scipy's matrix square root, and the number the hand-written FID gave (2658.4950621936487)."""
+    from scipy import linalg
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(16, 3, 8, 8, generator=g) * 2 - 1
+    fake = torch.rand(16, 3, 8, 8, generator=g) * 1.6 - 0.6
+    fid = IN.FIDSet(ChannelStats(), ["fake"])
+    fid.add_real(real[:10])
+    fid.add_real(real[10:])
     fid.add("fake", fake)
-    feats = [((t + 1) * 127.5).round().mean(dim=(2, 3)).double().numpy() for t in (fake, real)]
-    expected = E.frechet_distance(*(v for f in feats for v in (f.mean(0), np.cov(f, rowvar=False))))
-    assert fid.compute("fake") == pytest.approx(expected, rel=1e-6)
-    one = E.FID(ChannelMeans())
-    one.add("real", real[:1])
-    one.add("fake", fake[:1])
-    with pytest.raises(E.Unavailable, match="at least 2 images"):
-        one.compute("fake")
+    f_fake, f_real = (ChannelStats()(IN.to_uint8(t)).double().numpy() for t in (fake, real))
+    mu1, mu2 = f_fake.mean(0), f_real.mean(0)
+    c1, c2 = np.cov(f_fake, rowvar=False), np.cov(f_real, rowvar=False)
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(c1 + c2 - 2 * linalg.sqrtm(c1 @ c2).real)
+    got = fid.compute("fake")
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert got == pytest.approx(2658.4950621936487, rel=1e-6)  # the replaced hand-written FID, same inputs
 
 
 def test_inception_unavailable_reasons(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(E.Unavailable, match="--inception-weights"):
-        E.build_inception(None)
-    with pytest.raises(E.Unavailable, match="not found"):
-        E.build_inception(tmp_path / "nope.pth")
+    with pytest.raises(MD.Unavailable, match="--inception-weights"):
+        MD.build_inception(None)
+    with pytest.raises(MD.Unavailable, match="not found"):
+        MD.build_inception(tmp_path / "nope.pth")
 
 
 # ---------------------------------------------------------------------- inputs
 @needs_examples
 def test_rgb_soft_mask_is_read_in_the_image_geometry():
-    mask = E.load_eval_mask(EXAMPLES / "bench2_mask.png", 64, (512, 512))
+    mask = D.load_eval_mask(EXAMPLES / "bench2_mask.png", 64, (512, 512))
     rgb = np.asarray(Image.open(EXAMPLES / "bench2_mask.png"))
     assert rgb.ndim == 3  # the test is about the RGB one
     hole = np.asarray(Image.open(EXAMPLES / "bench2_mask.png").convert("L")) >= 128
@@ -188,38 +230,38 @@ def test_mask_follows_the_center_crop(tmp_path):
     hole = np.zeros((32, 64), np.uint8)
     hole[4:12, 40:48] = 255
     Image.fromarray(hole).save(tmp_path / "a_mask.png")
-    m = E.load_eval_mask(tmp_path / "a_mask.png", 32, (64, 32))[0]
+    m = D.load_eval_mask(tmp_path / "a_mask.png", 32, (64, 32))[0]
     assert torch.nonzero(m).amin(0).tolist() == [4, 24] and m.sum() == 64
     Image.fromarray(hole[:, :32]).save(tmp_path / "b_mask.png")  # already size x size: taken as is
-    as_is = E.load_eval_mask(tmp_path / "b_mask.png", 32, (64, 32))[0]
+    as_is = D.load_eval_mask(tmp_path / "b_mask.png", 32, (64, 32))[0]
     assert torch.equal(as_is, torch.tensor(hole[:, :32] > 0).float())
     Image.fromarray(hole[:20]).save(tmp_path / "c_mask.png")
     with pytest.raises(ValueError, match="c_mask.png is 64x20"):
-        E.load_eval_mask(tmp_path / "c_mask.png", 32, (64, 32))
+        D.load_eval_mask(tmp_path / "c_mask.png", 32, (64, 32))
 
 
 def test_image_listing_and_mask_pairing_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="image folder not found"):
-        E.list_eval_images(tmp_path / "missing")
+        D.list_eval_images(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="no images"):
-        E.list_eval_images(tmp_path)
+        D.list_eval_images(tmp_path)
     for name in ("a.png", "b.jpg", "a_mask.png", "b_mask3.png"):
         Image.new("RGB", (16, 16)).save(tmp_path / name)
-    images = E.list_eval_images(tmp_path)
+    images = D.list_eval_images(tmp_path)
     assert [p.name for p in images] == ["a.png", "b.jpg"]
     with pytest.raises(FileNotFoundError, match=r"no mask for .*b\.jpg: expected .*b_mask\.png"):
-        E.pair_masks(images, tmp_path)
-    pairs, missing = E.pair_masks(images, tmp_path, skip_missing=True)
+        D.pair_masks(images, tmp_path)
+    pairs, missing = D.pair_masks(images, tmp_path, skip_missing=True)
     assert [p[1].name for p in pairs] == ["a_mask.png"] and [p.name for p in missing] == ["b.jpg"]
 
 
 def test_preset_masks_are_deterministic_per_seed_and_index(tmp_path):
     for name in ("a.png", "b.png"):
         Image.new("RGB", (40, 48)).save(tmp_path / name)
-    files = E.list_eval_images(tmp_path)
-    one, two = E.EvalSet(files, 32, preset="thick", seed=3), E.EvalSet(files, 32, preset="thick", seed=3)
+    files = D.list_eval_images(tmp_path)
+    one, two = D.EvalSet(files, 32, preset="thick", seed=3), D.EvalSet(files, 32, preset="thick", seed=3)
     assert torch.equal(one[1]["mask"], two[1]["mask"]) and not torch.equal(one[0]["mask"], one[1]["mask"])
-    assert not torch.equal(one[0]["mask"], E.EvalSet(files, 32, preset="thick", seed=4)[0]["mask"])
+    assert not torch.equal(one[0]["mask"], D.EvalSet(files, 32, preset="thick", seed=4)[0]["mask"])
     assert one[0]["image"].shape == (3, 32, 32) and one[0]["mask"].mean() <= 0.5
 
 
@@ -258,23 +300,23 @@ def make_run(root: Path, asym_dir: Path, vae_source) -> Path:
 def test_default_baseline_from_run_folder_checkpoint_or_error(tmp_path, tiny_pair):
     asym, vae = tiny_pair
     run = make_run(tmp_path / "run", asym, str(vae))
-    assert E.default_baseline(run) == (str(vae), str(next((run / "configs").glob("*.yaml"))))
+    assert V.default_baseline(run) == (str(vae), str(next((run / "configs").glob("*.yaml"))))
     (next((run / "configs").glob("*.yaml"))).unlink()  # then the checkpoint's hyper_parameters
-    assert E.default_baseline(run / "checkpoints" / "last.ckpt")[0] == str(vae)
+    assert V.default_baseline(run / "checkpoints" / "last.ckpt")[0] == str(vae)
     with pytest.raises(ValueError, match="--baseline"):
-        E.default_baseline(asym)
+        V.default_baseline(asym)
     with pytest.raises(ValueError, match="vae_source: null"):
-        E.default_baseline(make_run(tmp_path / "random", asym, None))
+        V.default_baseline(make_run(tmp_path / "random", asym, None))
 
 
 def test_compare_encoders(tiny_pair):
     from ldm_asym import load_autoencoder
 
     a, b = (load_autoencoder(p) for p in tiny_pair)
-    assert E.compare_encoders(a, b) is None
+    assert V.compare_encoders(a, b) is None
     with torch.no_grad():
         b.encoder.conv_in.bias.add_(1)
-    assert "1 of" in E.compare_encoders(a, b) and "encoder.conv_in.bias" in E.compare_encoders(a, b)
+    assert "1 of" in V.compare_encoders(a, b) and "encoder.conv_in.bias" in V.compare_encoders(a, b)
 
 
 # ---------------------------------------------------------------------- CLI
@@ -305,7 +347,7 @@ def test_evaluate_end_to_end_on_real_photos(tmp_path, tiny_pair, capsys):
     assert set(summary["decoders"]) == {"vanilla", "paste", "ours"}
     for dec, entry in summary["decoders"].items():
         assert entry["fid"]["available"] is False and "--inception-weights" in entry["fid"]["reason"]
-        assert all(entry[k]["available"] and entry[k]["n"] == 3 for k in E.PER_IMAGE)
+        assert all(entry[k]["available"] and entry[k]["n"] == 3 for k in I.PER_IMAGE)
         assert "tests only" in entry["lpips_vgg_band"]["note"]
     dec = summary["decoders"]
     assert dec["paste"]["unmasked_sse"]["mean"] == 0 and dec["paste"]["psnr_known"]["mean"] == 100
@@ -358,12 +400,12 @@ def test_make_masks(tmp_path, capsys):
     assert main(["--images", str(tmp_path), "--preset", "medium", "--seed", "7"]) == 0
     a = load_mask(tmp_path / "a_mask.png")
     assert a.shape == (1, 32, 48)  # the image's own size
-    assert torch.equal(a, MaskGenerator("medium", (32, 48), p_full=0)(E.mask_seed(7, 0, 0)))
+    assert torch.equal(a, MaskGenerator("medium", (32, 48), p_full=0)(D.mask_seed(7, 0, 0)))
     assert main(["--images", str(tmp_path)]) == 1 and "--overwrite" in capsys.readouterr().err
     first = (tmp_path / "b_mask.png").read_bytes()
     assert main(["--images", str(tmp_path), "--preset", "medium", "--seed", "7", "--overwrite"]) == 0
     assert (tmp_path / "b_mask.png").read_bytes() == first  # deterministic
-    assert [p.name for p in E.list_eval_images(tmp_path)] == ["a.png", "b.jpg"]  # masks aren't images
+    assert [p.name for p in D.list_eval_images(tmp_path)] == ["a.png", "b.jpg"]  # masks aren't images
 
     out = tmp_path / "masks"
     assert main(["--images", str(tmp_path), "--count", "3", "--size", "32", "--out", str(out), "--seed", "7"]) == 0

@@ -391,7 +391,7 @@ def test_evaluate_unreadable_image_fails_before_any_work(tmp_path, monkeypatch, 
 
 def test_evaluate_failure_while_writing_leaves_no_output_that_looks_complete(tmp_path, tiny_pair, monkeypatch,
                                                                                capsys):
-    from ldm_asym import evaluation as E
+    from ldm_asym.eval import inpainting as E
 
     asym, vae = tiny_pair
     images = folder_with_goods(tmp_path, 2)
@@ -409,7 +409,7 @@ def test_evaluate_failure_while_writing_leaves_no_output_that_looks_complete(tmp
 
 
 def test_write_csv_non_utf8_name_is_valid_utf8(tmp_path):
-    from ldm_asym import evaluation as E
+    from ldm_asym.eval import inpainting as E
 
     E.write_csv(tmp_path / "per_image.csv", [{"image": "caf\udce9", "decoder": "ours", "hole_fraction": 0.5}])
     assert "caf\\xe9,ours,0.5" in (tmp_path / "per_image.csv").read_text(encoding="utf-8")

@@ -178,6 +178,37 @@ def test_ssim_identical_is_one_and_region_restricts():
     assert torch.isnan(ssim(x, y, border)).all()
 
 
+# SSIM of the hand-written implementation that torchmetrics' map replaced (same inputs, fp32):
+# (seed, h, w, noise, hole top/left/size) -> whole image, known region, hole region, per image.
+PREVIOUS_SSIM = {
+    (4, 32, 40, 0.15, 10, 10, 12): ([0.18184944987297058, 0.17867928743362427],
+                                    [0.17495957016944885, 0.1823185831308365],
+                                    [0.20653821527957916, 0.16563844680786133]),
+    (9, 48, 40, 0.04, 20, 6, 20): ([0.7433900833129883, 0.7311959266662598],
+                                   [0.7417920231819153, 0.7277951836585999],
+                                   [0.7463463544845581, 0.737487256526947]),
+}
+
+
+@pytest.mark.parametrize("case", list(PREVIOUS_SSIM))
+def test_ssim_on_torchmetrics_matches_the_previous_implementation(case):
+    seed, h, w, noise, top, left, size = case
+    x, y = rand_images(seed, h=h, w=w, noise=noise)
+    m = square_mask(h=h, w=w, top=top, left=left, size=size)
+    got = [ssim(x, y), ssim(x, y, known_region(m)), ssim(x, y, hole_region(m))]
+    for value, old in zip(got, PREVIOUS_SSIM[case]):
+        assert torch.allclose(value, torch.tensor(old), rtol=0, atol=1e-6)  # measured: identical in fp32
+
+
+def test_psnr_whole_image_matches_torchmetrics():
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    x, y = rand_images(4, h=32, w=40, noise=0.15)
+    ref = peak_signal_noise_ratio((x + 1) / 2, (y + 1) / 2, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    assert torch.allclose(psnr(x, y), ref, rtol=0, atol=1e-4)  # dB; measured 2e-6
+    assert abs(float(ref[0] - ref[1])) > 1e-3  # the two images differ: a real per-image check
+
+
 # ---------------------------------------------------------------------- LPIPS
 @pytest.fixture(scope="module")
 def masked_lpips(one_thread):

@@ -448,3 +448,37 @@ def test_resume_from_a_checkpoint_outside_a_run_folder(tmp_path):
                  "lightning.trainer.max_steps=4", "lightning.trainer.limit_val_batches=0"]) == 0
     new_run = next((tmp_path / "b").iterdir())
     assert load(new_run / "checkpoints" / "last.ckpt")["global_step"] == 4
+
+
+# ---------------------------------------------------------------------- issue 13: validation metrics
+def test_val_metrics_are_means_over_images_across_batches(one_thread):
+    """5 images in batches of 3 and 2, two with an empty region: each logged value is the mean of the
+    per-image values over the images where it is defined (a mean of batch nanmeans would differ)."""
+    import pytorch_lightning as pl
+
+    from ldm_asym import metrics as M
+
+    torch.manual_seed(0)
+    module = AsymmetricVQGAN(**OmegaConf.to_container(OmegaConf.load(TINY).model.params))
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(5, 3, 32, 32, generator=g) * 2 - 1
+    masks = torch.zeros(5, 1, 32, 32)
+    masks[1] = 1  # no known pixel: psnr_known and unmasked_error undefined
+    masks[2:, :, 4:20, 8:24] = 1  # image 0 keeps no hole: psnr_hole undefined
+    data = [{"image": images[i], "mask": masks[i]} for i in range(5)]
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    logged = trainer.validate(module, torch.utils.data.DataLoader(data, batch_size=3), verbose=False)[0]
+
+    with torch.no_grad():
+        rec = module.model.decode(module.model.encode(images).mode(), image=images, mask=masks).float().clamp(-1, 1)
+        per_image = {"psnr_known": M.psnr(images, rec, M.known_region(masks)),
+                     "psnr_hole": M.psnr(images, rec, M.hole_region(masks)),
+                     "unmasked_error": M.unmasked_error(images, rec, masks),
+                     "l1": (images - rec).abs().mean(dim=(1, 2, 3))}
+    for key, values in per_image.items():
+        assert logged[f"val/{key}"] == pytest.approx(torch.nanmean(values).item(), rel=1e-5), key
+    assert per_image["psnr_hole"][0].isnan() and per_image["psnr_known"][1].isnan()
+    batch_means = (3 * torch.nanmean(per_image["psnr_hole"][:3]) + 2 * torch.nanmean(per_image["psnr_hole"][3:])) / 5
+    assert abs(batch_means.item() - logged["val/psnr_hole"]) > 1e-3  # the test tells the two apart
+    assert not any(k.startswith("val_metrics") for k in module.state_dict())  # checkpoints unchanged

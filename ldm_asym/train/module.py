@@ -139,6 +139,7 @@ class AsymmetricVQGAN(pl.LightningModule):
         # The EMA decoder is a module of its own, so it moves with the model and is checkpointed as
         # `ema_decoder.*` (export and evaluation read it with use_ema / --ema).
         self.ema_decoder = copy.deepcopy(self.model.decoder).requires_grad_(False) if ema_decay else None
+        self.val_metrics = self.make_val_metrics()
         self._batches_seen = 0  # batches trained on, all epochs (posterior-noise seed)
         # Samples consumed in the current epoch, all ranks together (mid-epoch resume): a position in
         # the epoch's permutation that means the same on any number of ranks.
@@ -391,6 +392,19 @@ class AsymmetricVQGAN(pl.LightningModule):
         self._resume_epoch_samples = 0
 
     # ------------------------------------------------------------------ validation
+    @staticmethod
+    def make_val_metrics() -> torch.nn.ModuleDict:
+        """The mean over all validation images of each per-image value, NaN (an empty region) skipped.
+
+        The definition of scripts/evaluate.py's means (`val/psnr_hole`: mean of per-image PSNR over
+        the hole). MeanMetric keeps a sum and a count, so the epoch value is exact however the images
+        fall into batches and ranks.
+        """
+        from torchmetrics.aggregation import MeanMetric
+
+        keys = ("l1", "psnr_known", "psnr_hole", "unmasked_error", "lpips")
+        return torch.nn.ModuleDict({k: MeanMetric(nan_strategy="ignore") for k in keys})
+
     def validation_step(self, batch: dict, batch_idx: int):
         x, mask = batch["image"], batch["mask"]
         live = self.model.decoder
@@ -402,15 +416,18 @@ class AsymmetricVQGAN(pl.LightningModule):
         finally:
             self.model.decoder = live
         x = x.float()
-        log = {
-            "val/l1": (x - rec).abs().mean(dim=(1, 2, 3)),
-            "val/psnr_known": metrics.psnr(x, rec, metrics.known_region(mask)),
-            "val/psnr_hole": metrics.psnr(x, rec, metrics.hole_region(mask)),
-            "val/unmasked_error": metrics.unmasked_error(x, rec, mask),
-            "val/lpips": self.loss.perceptual_loss(x, rec).flatten(),
+        values = {
+            "l1": (x - rec).abs().mean(dim=(1, 2, 3)),
+            "psnr_known": metrics.psnr(x, rec, metrics.known_region(mask)),
+            "psnr_hole": metrics.psnr(x, rec, metrics.hole_region(mask)),
+            "unmasked_error": metrics.unmasked_error(x, rec, mask),
+            "lpips": self.loss.perceptual_loss(x, rec).flatten(),
         }
-        for k, v in log.items():
-            self.log(k, torch.nanmean(v), on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+        for k, v in values.items():
+            # Logged as a Metric: Lightning computes it once per epoch from the states of every batch
+            # and every rank (summed across ranks), not as a mean of per-batch or per-rank means.
+            self.val_metrics[k].update(v.detach())
+            self.log(f"val/{k}", self.val_metrics[k], on_epoch=True, batch_size=x.shape[0])
         if batch_idx == 0:
             self._last_val_batch = (x, mask, rec)
 
