@@ -1,18 +1,20 @@
-"""scripts/inpaint.py end to end, on a tiny random SD inpainting pipeline built and saved here (offline)."""
+"""scripts/inpaint.py (scripts/edit.py --task inpaint) end to end, on a tiny random SD inpainting pipeline
+built and saved here (offline). tests/test_edit.py covers the other pipelines."""
 
 import importlib.util
-import json
 import logging
-import string
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_pipelines as tiny
 import torch
 from conftest import TINY_VAE, make_asym, make_vae
 from PIL import Image
 
-from ldm_asym import inpaint
+from ldm_asym import editing
+from ldm_asym.interop import from_diffusers, load_autoencoder
+from ldm_asym.models.autoencoder import AsymmetricAutoencoder
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT.parent / "shared" / "data" / "inpainting_examples"
@@ -25,43 +27,16 @@ def load_script():
     return script
 
 
-def tiny_tokenizer(folder: Path):
-    """A CLIP BPE tokenizer from files written here: single letters (plain and word-final), no merges."""
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + list(string.ascii_lowercase)
-    tokens += [c + "</w>" for c in string.ascii_lowercase]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16), len(tokens)
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """{"pipeline": folder, "ckpt": our decoder's diffusers folder (same frozen encoder as the pipeline's VAE)}."""
-    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     tmp = tmp_path_factory.mktemp("inpaint")
-    torch.manual_seed(0)
-    tokenizer, vocab = tiny_tokenizer(tmp / "tok")
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                                        num_hidden_layers=2, projection_dim=32, bos_token_id=0, eos_token_id=1,
-                                        pad_token_id=1)).eval()
-    unet = UNet2DConditionModel(sample_size=8, in_channels=9, out_channels=4, block_out_channels=(32, 64),
-                                layers_per_block=1, norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")).eval()
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                              set_alpha_to_one=False)
-    vae = make_vae(TINY_VAE)
-    StableDiffusionInpaintPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-                                   ).save_pretrained(tmp / "pipe")
+    pipe = tiny.sd(tmp)
+    vae = pipe.vae
+    pipe.save_pretrained(tmp / "pipe")
     asym = make_asym("tiny", seed=1)
     frozen = {k: v for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
     asym.load_state_dict(frozen, strict=False)  # a real checkpoint shares the pipeline's frozen encoder
@@ -71,14 +46,14 @@ def models(tmp_path_factory):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Records (z, kwargs, output) of every AsymmetricAutoencoderKL / AutoencoderKL decode."""
-    from diffusers import AsymmetricAutoencoderKL, AutoencoderKL
+    """Records (z, kwargs, output) of every decode of ours and of diffusers' AutoencoderKL."""
+    from diffusers import AutoencoderKL
 
     calls = {"asym": [], "vanilla": []}
-    for name, cls in (("asym", AsymmetricAutoencoderKL), ("vanilla", AutoencoderKL)):
+    for name, cls in (("asym", AsymmetricAutoencoder), ("vanilla", AutoencoderKL)):
         def decode(self, z, *args, _orig=cls.decode, _name=name, **kwargs):
             out = _orig(self, z, *args, **kwargs)
-            calls[_name].append((z.clone(), kwargs, out.sample.clone()))
+            calls[_name].append((z.clone(), kwargs, getattr(out, "sample", out).clone()))
             return out
         monkeypatch.setattr(cls, "decode", decode)
     return calls
@@ -139,8 +114,6 @@ def test_mask_reaches_the_blend(models, tmp_path, spy):
     two samples with different latents decode to the same picture. With an all-ones mask (no
     prior) the blend is the identity, so the output equals a plain decode of the same latents.
     """
-    from diffusers import AsymmetricAutoencoderKL
-
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "i.png")
     Image.new("L", (64, 64), 0).save(tmp_path / "zero.png")
     out = run(models, tmp_path, tmp_path / "i.png", tmp_path / "zero.png", "--num-images", "2", "--name", "z")
@@ -152,8 +125,8 @@ def test_mask_reaches_the_blend(models, tmp_path, spy):
     z, kw, decoded = spy["asym"][-1]
     assert kw["mask"].min() == 1
     with torch.no_grad():
-        plain = AsymmetricAutoencoderKL.from_pretrained(models["ckpt"]).decode(z).sample
-    torch.testing.assert_close(decoded, plain, atol=1e-5, rtol=0)
+        plain = load_autoencoder(models["ckpt"]).decode(z)
+    torch.testing.assert_close(decoded, plain, atol=1e-6, rtol=0)
 
 
 @pytest.mark.skipif(not EXAMPLES.is_dir(), reason="../shared/data/inpainting_examples is absent")
@@ -182,16 +155,23 @@ def test_real_photo_soft_rgb_mask_resize(models, tmp_path, spy):
 
 
 def test_encoder_check(caplog):
-    vae, asym = make_vae(TINY_VAE), make_asym("tiny", seed=1)
-    with caplog.at_level(logging.WARNING, "ldm_asym.inpaint"):
-        assert not inpaint.check_encoder(vae, asym)
+    vae, asym = make_vae(TINY_VAE), from_diffusers(make_asym("tiny", seed=1))
+    with caplog.at_level(logging.WARNING, "ldm_asym.editing"):
+        assert not editing.check_encoder(vae, asym)
     assert "encoder differs" in caplog.text
     asym.load_state_dict({k: v for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))},
                          strict=False)
-    assert inpaint.check_encoder(vae, asym)
-    asym.register_to_config(latent_channels=16)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "ldm_asym.editing"):
+        assert editing.check_encoder(vae, asym)
+    assert not caplog.text
+    asym.shift_factor = 0.1159  # a FLUX-style shift the pipeline's VAE does not have
+    with caplog.at_level(logging.WARNING, "ldm_asym.editing"):
+        assert editing.check_encoder(vae, asym)
+    assert "shift_factor differs" in caplog.text
+    asym.latent_channels = 16
     with pytest.raises(ValueError, match="latent channels"):
-        inpaint.check_encoder(vae, asym)
+        editing.check_encoder(vae, asym)
 
 
 def test_clear_errors(models, tmp_path, capsys):
@@ -201,7 +181,7 @@ def test_clear_errors(models, tmp_path, capsys):
     assert e.value.code == 0 and "--num-images" in capsys.readouterr().out
     make_vae(TINY_VAE).save_pretrained(tmp_path / "plain")
     with pytest.raises(ValueError, match="plain decoder"):
-        inpaint.load_asym_vae(tmp_path / "plain")
+        editing.load_asym(tmp_path / "plain")
     # Offline, a Hub id must say what to download and where to put it (the inputs are read first).
     Image.new("RGB", (16, 16)).save(tmp_path / "x.png")
     Image.new("L", (16, 16)).save(tmp_path / "m.png")
