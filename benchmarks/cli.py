@@ -35,12 +35,21 @@ def table(results: list[dict]) -> str:
 
 
 def data_table(data: dict) -> str:
-    lines = ["| JPEGs | kpx | bits/px | images/s per worker | decode ms | crop+resize ms | to tensor ms | mask ms |",
-             "|" + "---|" * 8]
+    shards = any("shards" in g for g in data["groups"].values())
+    head = "| JPEGs | kpx | bits/px | images/s per worker | decode ms | crop+resize ms | to tensor ms | mask ms |"
+    if shards:
+        head += " shards: images/s per worker | DataLoader img/s, folder / shards |"
+    lines = [head, "|" + "---|" * (10 if shards else 8)]
     for name, g in data["groups"].items():
         s = g["stage_ms"]
-        lines.append(f"| {name} | {g['pixels'] / 1e3:.0f} | {g['bits_per_pixel']} | {g['img_s_per_worker']:.0f} | "
-                     f"{s['decode']:.2f} | {s['crop_resize']:.2f} | {s['to_tensor']:.2f} | {s['mask']:.2f} |")
+        row = (f"| {name} | {g['pixels'] / 1e3:.0f} | {g['bits_per_pixel']} | {g['img_s_per_worker']:.0f} | "
+               f"{s['decode']:.2f} | {s['crop_resize']:.2f} | {s['to_tensor']:.2f} | {s['mask']:.2f} |")
+        if shards:
+            sh = g["shards"]
+            loader = (f"{g['loader_img_s']:.0f} / {sh['loader_img_s']:.0f} ({g['loader_workers']} workers)"
+                      if "loader_img_s" in sh else "-")
+            row += f" {sh['img_s_per_worker']:.0f} | {loader} |"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -78,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-size", type=int, default=256)
     p.add_argument("--data-images", type=int, default=16, help="generated JPEGs per size")
     p.add_argument("--data-workers", type=int, default=0, help="also time a DataLoader with N workers")
+    p.add_argument("--data-shards", action="store_true",
+                   help="also time the same JPEGs as litdata shards (ShardDataset, scripts/make_shards.py)")
     p.add_argument("--photos", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data" /
                                            "inpainting_examples"),
                    help="real photos to re-encode as JPEGs for --data (synthetic content if missing)")
@@ -117,7 +128,7 @@ def main(argv=None) -> int:
         root = args.data or None
         report["data"] = data_benchmark(root, size=args.data_size, photos=args.photos,
                                         per_size=args.data_images, workers=args.data_workers,
-                                        seed=args.seed, log=log)
+                                        seed=args.seed, shards=args.data_shards, log=log)
         print()
         print(data_table(report["data"]))
     report["machine"]["loadavg_end"] = loadavg()

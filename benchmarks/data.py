@@ -75,7 +75,7 @@ def _synthetic_photo(rng, w, h, Image, ImageDraw, ImageFilter):
 
 def data_benchmark(root: str | os.PathLike | None = None, size: int = 256, photos: str | None = None,
                    per_size: int = 16, passes: int = 5, workers: int = 0, seed: int = 0,
-                   samples_per_pass: int = 64, log: Callable[[str], None] = print) -> dict:
+                   samples_per_pass: int = 64, shards: bool = False, log: Callable[[str], None] = print) -> dict:
     """Images/s of `ImageFolderDataset(..., size, train=True, masks={"preset": "train", "p_full": 0.5})`.
 
     One process iterating the dataset is what one DataLoader worker does: `img_s_per_worker` is the
@@ -83,7 +83,9 @@ def data_benchmark(root: str | os.PathLike | None = None, size: int = 256, photo
     its own seed, i.e. crop and mask). Also timed per sample stage (JPEG decode with draft mode, crop +
     resize, to tensor, mask). Without `root`, photo-like JPEGs of ImageNet sizes (500x375 and
     1024x768) are generated into a temporary folder, one group per size. `workers` > 0 also times
-    a DataLoader with that many workers (total images/s and per worker).
+    a DataLoader with that many workers (total images/s and per worker). `shards`: the same files
+    also as litdata shards (scripts/make_shards.py, original bytes kept) read by ShardDataset with
+    the same keys, i.e. the same decode and transform: what the shard format itself costs or saves.
     """
     from PIL import Image
 
@@ -107,26 +109,51 @@ def data_benchmark(root: str | os.PathLike | None = None, size: int = 256, photo
             with Image.open(files[0]) as im:
                 px = im.width * im.height
             nbytes = sum(os.path.getsize(f) for f in files)
-            ds[(0, seed)]  # warm caches (file system, imports)
             per_pass = max(n, samples_per_pass)  # cycle the files; every sample gets its own crop and mask
-            rates = []
-            for p in range(passes):
-                t0 = time.perf_counter()
-                for i in range(per_pass):
-                    ds[(i % n, seed * 1_000_003 + p * per_pass + i)]
-                rates.append(per_pass / (time.perf_counter() - t0))
+            rates = _rates(ds, passes, per_pass, seed)
             stages = _stage_times(ds, files, size, seed, D)
             g = {"images": n, "pixels": px, "bits_per_pixel": round(8 * nbytes / (n * px), 2),
                  "samples_per_pass": per_pass, "img_s_per_worker": statistics.median(rates), "img_s_all": rates,
                  "stage_ms": stages}
             if workers > 0:
                 g.update(_loader_rate(ds, workers, passes, per_pass, seed))
+            if shards:
+                g["shards"] = _shard_rates(files, folder, size, passes, per_pass, workers, seed)
             out["groups"][name] = g
             log(f"[data {name}] {g['img_s_per_worker']:.0f} images/s per worker ({n} files, {px / 1e3:.0f} kpx)")
     finally:
         if tmp is not None:
             tmp.cleanup()
     out["img_s_per_worker_min"] = min(g["img_s_per_worker"] for g in out["groups"].values())
+    return out
+
+
+def _rates(ds, passes: int, per_pass: int, seed: int) -> list[float]:
+    """Images/s of one process iterating `ds`, per pass (the first access warms caches and imports)."""
+    n = len(ds)
+    ds[(0, seed)]
+    rates = []
+    for p in range(passes):
+        t0 = time.perf_counter()
+        for i in range(per_pass):
+            ds[(i % n, seed * 1_000_003 + p * per_pass + i)]
+        rates.append(per_pass / (time.perf_counter() - t0))
+    return rates
+
+
+def _shard_rates(files, folder, size, passes, per_pass, workers, seed) -> dict:
+    """The same files as litdata shards (bytes kept, same order), timed like the folder dataset."""
+    from ldm_asym.data import ShardDataset
+    from ldm_asym.data.shard_writer import Settings, write_shards
+
+    with tempfile.TemporaryDirectory(prefix="ldm_asym_bench_shards_") as tmp:
+        keys = [os.path.relpath(f, folder) for f in files]
+        write_shards(files, keys, tmp, str(folder), Settings(max_side=1 << 16, keep_bytes=1 << 30))
+        ds = ShardDataset(tmp, size=size, train=True, masks={"preset": "train", "p_full": 0.5})
+        rates = _rates(ds, passes, per_pass, seed)
+        out = {"img_s_per_worker": statistics.median(rates), "img_s_all": rates}
+        if workers > 0:
+            out.update(_loader_rate(ds, workers, passes, per_pass, seed))
     return out
 
 

@@ -33,7 +33,7 @@ def report(tmp_path_factory):
     jpegs = D.make_jpegs(tmp / "jpegs", photos=None, per_size=2, sizes=((96, 72), (160, 120)))
     out = tmp / "bench.json"
     argv = ["--variant", "tiny", "--size", "64", "--batch", "1", "--warmup", "1", "--repeats", "1",
-            "--threads", "1", "--json", str(out), "--data", str(jpegs["96x72"]), "--data-size", "64"]
+            "--threads", "1", "--json", str(out), "--data", str(jpegs["96x72"]), "--data-size", "64", "--data-shards"]
     stdout, threads = io.StringIO(), torch.get_num_threads()
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
@@ -68,6 +68,7 @@ def test_data_loading_report(report):
     data = report["data"]
     (group,) = data["groups"].values()
     assert group["images"] == 2 and _number(group["img_s_per_worker"]) and group["img_s_per_worker"] > 0
+    assert _number(group["shards"]["img_s_per_worker"]) and group["shards"]["img_s_per_worker"] > 0
     assert set(group["stage_ms"]) == {"decode", "crop_resize", "to_tensor", "mask"}
 
 
