@@ -9,6 +9,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution, Enco
 from torch import nn
 
 from ldm_asym.models.decoder import AsymmetricDecoder
+from ldm_asym.models.tiling import Tiling, as_tiling, tiled_decode
 from ldm_asym.util import instantiate_from_config
 
 # diffusers' AutoencoderKL defaults; any AutoencoderKL config.json can be passed as `vae_config`
@@ -132,6 +133,7 @@ class AsymmetricAutoencoder(nn.Module):
         image: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         check_inputs: bool = True,
+        tile: int | Tiling | Mapping[str, int] | None = None,
     ) -> torch.Tensor:
         """Unscaled latent `z` (as diffusers' `decode`) -> image in about [-1, 1].
 
@@ -142,8 +144,22 @@ class AsymmetricAutoencoder(nn.Module):
         `check_inputs=False` skips the value checks (NaN / Inf, mask in [0, 1], image in [-1, 1]
         give or take 0.1: an image in [0, 255] or [0, 1] is not the same thing), which
         synchronise with the GPU once.
+
+        `tile` decodes in overlapping latent tiles with blended seams, for images too large to decode
+        at once (`ldm_asym.models.tiling`): an int tile size in latent pixels (overlap size // 4),
+        `Tiling(size, overlap)` or {"size": ..., "overlap": ...}. Memory is bounded by the tile under
+        `no_grad` / `inference_mode`. The output is not the untiled decode's: GroupNorm statistics and
+        attention are per tile, a large gap with random weights (docs/benchmarks.md, tiled decoding).
+        A latent that fits in one tile, and `tile=None`, decode untiled.
         """
+        tiling = as_tiling(tile)
         image, mask = _check_decode_inputs(z, image, mask, self.downsample_factor, check_inputs)
+        if tiling is not None and not tiling.fits(*z.shape[-2:]):
+            return tiled_decode(self._decode_checked, z, image, mask, tiling, self.downsample_factor)
+        return self._decode_checked(z, image, mask)
+
+    def _decode_checked(self, z: torch.Tensor, image: torch.Tensor | None, mask: torch.Tensor | None):
+        # post_quant_conv is 1x1, so applying it per tile equals cropping its full-size output.
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z, image, mask)
