@@ -147,15 +147,18 @@ class AsymmetricAutoencoder(nn.Module):
 
         `tile` decodes in overlapping latent tiles with blended seams, for images too large to decode
         at once (`ldm_asym.models.tiling`): an int tile size in latent pixels (overlap size // 4),
-        `Tiling(size, overlap)` or {"size": ..., "overlap": ...}. Memory is bounded by the tile under
-        `no_grad` / `inference_mode`. The output is not the untiled decode's: GroupNorm statistics and
-        attention are per tile, a large gap with random weights (docs/benchmarks.md, tiled decoding).
+        `Tiling(size, overlap, stats)` or {"size": ..., "overlap": ..., "stats": ...}. Memory is bounded
+        by the tile under `no_grad` / `inference_mode`. The output is not the untiled decode's: with
+        stats="tile" (the default) GroupNorm statistics and attention are per tile, a large gap with
+        random weights; stats="image" uses image-wide GroupNorm statistics (attention stays per
+        tile), much closer, at several times the time (docs/benchmarks.md, tiled decoding).
         A latent that fits in one tile, and `tile=None`, decode untiled.
         """
         tiling = as_tiling(tile)
         image, mask = _check_decode_inputs(z, image, mask, self.downsample_factor, check_inputs)
         if tiling is not None and not tiling.fits(*z.shape[-2:]):
-            return tiled_decode(self._decode_checked, z, image, mask, tiling, self.downsample_factor)
+            norms = [m for m in self.decoder.modules() if isinstance(m, nn.GroupNorm)]
+            return tiled_decode(self._decode_checked, z, image, mask, tiling, self.downsample_factor, norms)
         return self._decode_checked(z, image, mask)
 
     def _decode_checked(self, z: torch.Tensor, image: torch.Tensor | None, mask: torch.Tensor | None):
