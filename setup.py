@@ -26,6 +26,7 @@ setup(
         "torch-fidelity",
         "torchmetrics>=1.9",  # SSIM's full-image map, FID / Inception Score with our own network (tested: 1.9)
         "wandb",
+        "matplotlib",  # scripts/plot_curves.py
         "litdata>=0.2.40,<0.3",  # ShardDataset: streaming shards (ldm_asym/data/shards.py says why)
     ],
     extras_require={"test": ["pytest", "pytest-timeout"]},

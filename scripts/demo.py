@@ -273,6 +273,19 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _curves(run_dir: Path, out_dir: Path, steps: int) -> Path | None:
+    """The run's validation curves (known / hole PSNR, unmasked error vs steps) as a PNG and CSV."""
+    from ldm_asym.curves import plot, read_curves, write_csv
+
+    try:
+        curves = {run_dir.name: read_curves(run_dir)}
+    except (FileNotFoundError, ValueError):  # nothing logged or no validation ran (a smoke run)
+        return None
+    plot(out_dir / "curves.png", curves, title=f"demo, {steps} steps")
+    write_csv(out_dir / "curves.csv", curves)
+    return out_dir / "curves.png"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -318,6 +331,7 @@ def main(argv=None) -> int:
     (out_dir / "results.md").write_text(
         f"# Asymmetric VQGAN demo ({steps} steps, {args.val_crops} held-out {args.val_size}x{args.val_size} crops)\n\n```\n{table}\n```\n\n"
         f"Bar: {verdict}\n```\n" + "\n".join(bar_lines) + "\n```\n")
+    curves = _curves(run_dir, out_dir, steps)
 
     print()
     print("=" * 78)
@@ -328,6 +342,8 @@ def main(argv=None) -> int:
     print("\n".join(bar_lines))
     print(f"Comparison grids: {', '.join(_rel(out_dir / f'{p}.png') for p in args.presets)}")
     print(f"Table: {_rel(out_dir / 'results.md')} (and results.json); run folder: {_rel(run_dir)}")
+    if curves:
+        print(f"Convergence curves: {_rel(curves)} (and curves.csv)")
     print(f"Time: {total / 60:.1f} min (training {t_train:.0f} s, evaluation {t_eval:.0f} s)")
     if ok:
         print(f"{verdict}: the new decoder keeps the known pixels "

@@ -153,3 +153,4 @@ def test_full_demo_meets_its_bar(tmp_path, monkeypatch, capsys):
     for res in results["presets"].values():
         assert res["unmasked_error_cut"] >= demo.MIN_UNMASKED_ERROR_CUT
         assert res["hole_psnr_change_db"] >= -demo.MAX_HOLE_PSNR_DROP_DB
+    assert "Convergence curves:" in out and (run_dir / "demo" / "curves.png").is_file()  # validation every 100 steps
