@@ -213,6 +213,43 @@ def test_cli_text_to_image(tmp_path, spy):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "t2i_vanilla_0.png")), np.asarray(reference))
 
 
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_cli_inpaint_with_text_encoders(family, tmp_path, spy):
+    """SDXL inpainting and FLUX.1 Fill as the README runs them: from saved folders with their own (tiny)
+    text encoders and tokenizers (FLUX: CLIP + T5), --prompt encoded by the pipeline itself."""
+    built = tiny.sdxl(latents_stats=True, text_folder=tmp_path / "text") if family == "sdxl" \
+        else tiny.flux(text_folder=tmp_path / "text")
+    built.save_pretrained(tmp_path / "pipe")
+    pipe = editing.load_pipeline(tmp_path / "pipe", torch.device("cpu"), torch.float32)
+    assert type(pipe) is type(built)
+    assert all(getattr(pipe, k) is not None for k in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
+    if family == "flux":  # the T5 tokenizer round-trips: "▁" (3) and letters (4 + i), </s> (1), <pad> (0)
+        word = lambda w: [3] + [4 + ord(c) - ord("a") for c in w]  # noqa: E731
+        for tok in (built.tokenizer_2, pipe.tokenizer_2):
+            ids = tok("a red bench", padding="max_length", max_length=16).input_ids
+            assert ids == word("a") + word("red") + word("bench") + [1, 0, 0, 0]
+    to_diffusers(tiny.asym_for(pipe.vae)).save_pretrained(tmp_path / "asym")
+    image, mask, _, hole = inputs(tmp_path)
+    args = ["--pipeline", str(tmp_path / "pipe"), "--ckpt", str(tmp_path / "asym"), "--image", str(image),
+            "--mask", str(mask), "--prompt", "a red bench", "--steps", "2", "--out", str(tmp_path / "out")]
+    assert edit_script().main(args) == 0
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["img_asym_0.png", "img_compare.png", "img_vanilla_0.png"]
+    assert Image.open(out / "img_asym_0.png").size == Image.open(out / "img_vanilla_0.png").size == (64, 64)
+    assert Image.open(out / "img_compare.png").size == (4 * 64, 64)  # input | mask | vanilla | asym
+    (ours,), (theirs,) = spy["asym"], spy["vanilla"]
+    assert ours["z"].shape == (1, pipe.vae.config.latent_channels, 8, 8) and torch.equal(ours["z"], theirs["z"])
+    assert torch.equal(ours["kw"]["mask"][0, 0], torch.from_numpy(hole).float())
+    # The vanilla result is what the pipeline itself makes of the prompt (through its text encoders),
+    # and the prompt matters.
+    prep = editing.prepare(image, mask, multiple=pipelines.size_multiple(pipe))
+    reference = {prompt: np.asarray(pipe(prompt, image=prep.image, mask_image=prep.mask, height=64, width=64,
+                                         num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0])
+                 for prompt in ("a red bench", "a blue cat")}
+    assert np.array_equal(np.asarray(Image.open(out / "img_vanilla_0.png")), reference["a red bench"])
+    assert not np.array_equal(reference["a red bench"], reference["a blue cat"])
+
+
 @pytest.fixture(scope="module")
 def pbe_folders(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pbe")

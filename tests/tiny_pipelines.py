@@ -1,8 +1,11 @@
 """Tiny random diffusers pipelines for the editing tests, built here from configs (offline, seconds).
 
-Text encoders and tokenizers are left out where the pipeline takes `prompt_embeds` (SDXL, FLUX):
-tests pass the embeddings `PROMPT_EMBEDS[family]` instead. SD pipelines get a tiny CLIP text model
-and a BPE tokenizer written from scratch, so they also run from the command line.
+SD pipelines get a tiny CLIP text model and a BPE tokenizer written from scratch, so they also run
+from the command line. SDXL and FLUX are built without text encoders and tokenizers by default (tests
+pass `prompt_embeds(family)` instead); given a `text_folder` (where the tokenizer files go) they get
+tiny ones too: SDXL two CLIP text models (the second with projection), FLUX a CLIP text model and a
+T5 encoder with a Unigram (SentencePiece-style) tokenizer written with `tokenizers`, so they also run
+from the command line.
 """
 
 from __future__ import annotations
@@ -34,6 +37,39 @@ def tiny_tokenizer(folder: Path):
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16), len(tokens)
 
 
+def tiny_t5_tokenizer(folder: Path):
+    """A T5 tokenizer from a `tokenizers` file written here: Unigram over "▁" and single letters, T5's
+    special tokens (<pad> 0, </s> 1, <unk> 2), Metaspace pre-tokenizer, "</s>" appended; no sentinels.
+    Built as `T5Tokenizer` itself rebuilds it in `from_pretrained`, so it round-trips offline."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import T5TokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in string.ascii_lowercase]
+    backend = Tokenizer(Unigram(vocab, unk_id=2, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)])
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                           special_tokens=[("</s>", 1)])
+    backend.save(str(folder / "tokenizer.json"))
+    tokenizer = T5TokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token="</s>", pad_token="<pad>",
+                                unk_token="<unk>", extra_ids=0)
+    return tokenizer, len(vocab)
+
+
+def _clip_text(vocab: int, projection: bool = False):
+    """A tiny CLIP text model (hidden size 32; with projection: text_embeds of 32) for `tiny_tokenizer`'s ids."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                            num_hidden_layers=2, projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
 def _ddim():
     from diffusers import DDIMScheduler
 
@@ -44,13 +80,10 @@ def _ddim():
 def sd(folder: Path, inpaint: bool = True):
     """SD 1.x/2.x inpainting (9-channel UNet) or text-to-image pipeline with a tiny tokenizer."""
     from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
     tokenizer, vocab = tiny_tokenizer(folder / "tok")
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                                        num_hidden_layers=2, projection_dim=32, bos_token_id=0, eos_token_id=1,
-                                        pad_token_id=1)).eval()
+    text = _clip_text(vocab)
     unet = UNet2DConditionModel(**_UNET, in_channels=9 if inpaint else 4, out_channels=4,
                                 cross_attention_dim=32).eval()
     cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
@@ -58,9 +91,12 @@ def sd(folder: Path, inpaint: bool = True):
                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def sdxl(inpaint: bool = True, latents_stats: bool = False):
-    """SDXL inpainting (9-channel UNet) or text-to-image, without text encoders (pass PROMPT_EMBEDS["sdxl"]).
-    `latents_stats`: a VAE config with `latents_mean` / `latents_std` (SDXL pipelines honour them)."""
+def sdxl(inpaint: bool = True, latents_stats: bool = False, text_folder: Path | None = None):
+    """SDXL inpainting (9-channel UNet) or text-to-image.
+    `latents_stats`: a VAE config with `latents_mean` / `latents_std` (SDXL pipelines honour them).
+    `text_folder` None: no text encoders (pass `prompt_embeds("sdxl")`); else two tiny CLIP text models
+    (hidden 32 + 32 = the UNet's cross_attention_dim 64; the second's text_embeds: the pooled 32 its
+    add-embedding takes) and their tokenizers, written to `text_folder`."""
     from diffusers import StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -71,8 +107,15 @@ def sdxl(inpaint: bool = True, latents_stats: bool = False):
     vae_cfg = dict(SDXL_VAE, latents_mean=[0.1, -0.2, 0.05, 0.0], latents_std=[1.1, 0.9, 1.3, 0.8]) \
         if latents_stats else SDXL_VAE
     cls = StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLPipeline
-    return cls(vae=make_vae(vae_cfg), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
-               unet=unet, scheduler=_ddim(), add_watermarker=False)
+    vae = make_vae(vae_cfg)
+    text = dict(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
+    if text_folder is not None:  # built last: the UNet and VAE are the same with or without
+        torch.manual_seed(1)
+        tokenizer, vocab = tiny_tokenizer(text_folder / "tok")
+        tokenizer_2, vocab_2 = tiny_tokenizer(text_folder / "tok_2")
+        text = dict(text_encoder=_clip_text(vocab), text_encoder_2=_clip_text(vocab_2, projection=True),
+                    tokenizer=tokenizer, tokenizer_2=tokenizer_2)
+    return cls(vae=vae, **text, unet=unet, scheduler=_ddim(), add_watermarker=False)
 
 
 def paint_by_example():
@@ -91,9 +134,11 @@ def paint_by_example():
                                   safety_checker=None, feature_extractor=features)
 
 
-def flux(fill: bool = True):
-    """FLUX.1 Fill or text-to-image: a tiny transformer and a 16-channel VAE without quant convs; no text
-    encoders (pass PROMPT_EMBEDS["flux"])."""
+def flux(fill: bool = True, text_folder: Path | None = None):
+    """FLUX.1 Fill or text-to-image: a tiny transformer and a 16-channel VAE without quant convs.
+    `text_folder` None: no text encoders (pass `prompt_embeds("flux")`); else a tiny CLIP text model
+    (pooled output 32 = pooled_projection_dim) and T5 encoder (d_model 32 = joint_attention_dim) with
+    their tokenizers, written to `text_folder`."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(0)
@@ -105,8 +150,19 @@ def flux(fill: bool = True):
                                          joint_attention_dim=32, pooled_projection_dim=32,
                                          axes_dims_rope=[4, 4, 8]).eval()
     cls = FluxFillPipeline if fill else FluxPipeline
-    return cls(scheduler=FlowMatchEulerDiscreteScheduler(), vae=make_vae(TINY_VAE_16), text_encoder=None,
-               tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    vae = make_vae(TINY_VAE_16)
+    text = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    if text_folder is not None:  # built last: the transformer and VAE are the same with or without
+        from transformers import T5Config, T5EncoderModel
+
+        torch.manual_seed(1)
+        tokenizer, vocab = tiny_tokenizer(text_folder / "tok")
+        tokenizer_2, vocab_2 = tiny_t5_tokenizer(text_folder / "tok_2")
+        t5 = T5EncoderModel(T5Config(vocab_size=vocab_2, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                     relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+                                     decoder_start_token_id=0)).eval()
+        text = dict(text_encoder=_clip_text(vocab), tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=tokenizer_2)
+    return cls(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, **text, transformer=transformer)
 
 
 def prompt_embeds(family: str) -> dict:
