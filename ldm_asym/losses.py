@@ -124,6 +124,12 @@ class AsymLoss(nn.Module):
         disc_loss: "hinge" or "vanilla" (discriminator objective; the generator uses ``-mean(D)``).
         disc_norm: "batch" (BatchNorm, taming's default) or "actnorm".
         use_actnorm: LDM-config alias for ``disc_norm="actnorm"``.
+        known_pixel_weight, known_pixel_weight_steps: an extra L1 term on the known pixels only
+            (``mask == 0``), weighted `known_pixel_weight` at step 0 and annealed linearly to 0 at
+            `known_pixel_weight_steps` (0 = never annealed). Same reduction as the L1 in ``nll``. Not
+            in the paper (default 0): the fast start of configs/ablations/fast_start.yaml, see
+            docs/convergence.md. It is added outside ``nll``, so the GAN's adaptive weight is the
+            paper's.
     """
 
     def __init__(
@@ -142,6 +148,8 @@ class AsymLoss(nn.Module):
         disc_loss: str = "hinge",
         disc_norm: str = "batch",
         use_actnorm: bool = False,
+        known_pixel_weight: float = 0.0,
+        known_pixel_weight_steps: int = 0,
     ):
         super().__init__()
         from taming.modules.discriminator.model import NLayerDiscriminator, weights_init
@@ -158,6 +166,11 @@ class AsymLoss(nn.Module):
         self.disc_factor = float(disc_factor)
         self.disc_weight = float(disc_weight)
         self.disc_loss_name = disc_loss
+        if known_pixel_weight < 0 or known_pixel_weight_steps < 0:
+            raise ValueError(f"known_pixel_weight and known_pixel_weight_steps must be >= 0; got "
+                             f"{known_pixel_weight} and {known_pixel_weight_steps}")
+        self.known_pixel_weight = float(known_pixel_weight)
+        self.known_pixel_weight_steps = int(known_pixel_weight_steps)
         self._d_loss_fn = hinge_d_loss if disc_loss == "hinge" else vanilla_d_loss
 
         self.perceptual = build_lpips(lpips_net, pretrained=lpips_pretrained)
@@ -190,6 +203,12 @@ class AsymLoss(nn.Module):
         from taming.modules.losses.vqperceptual import adopt_weight
 
         return float(adopt_weight(self.disc_factor, step, threshold=self.disc_start))
+
+    def known_weight_at(self, step: int) -> float:
+        """Weight of the extra known-pixel L1 at `step`: linear from `known_pixel_weight` to 0."""
+        if self.known_pixel_weight_steps <= 0:
+            return self.known_pixel_weight
+        return self.known_pixel_weight * max(0.0, 1.0 - step / self.known_pixel_weight_steps)
 
     def gan_active(self, step: int) -> bool:
         """Whether the GAN terms count at `step` (``step >= disc_start`` and ``disc_factor > 0``).
@@ -231,8 +250,11 @@ class AsymLoss(nn.Module):
         posterior=None,
         step: int = 0,
         last_layer: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The decoder's loss: ``nll + kl_weight * KL + d_weight * disc_factor * g``.
+        """The decoder's loss: ``nll + kl_weight * KL + d_weight * disc_factor * g`` (+ the known-pixel
+        term ``known_weight_at(step) * sum(|x - x̂| * (1 - mask)) / batch`` when that weight is > 0 and
+        `mask`, 1 = hole, is given).
 
         ``nll = sum(pixel_weight * |x - x̂| + perceptual_weight * LPIPS(x, x̂)) / batch`` (LPIPS per
         image, broadcast over pixels, as LDM). Everything is computed in fp32, also under bf16/fp16 autocast (the
@@ -273,6 +295,11 @@ class AsymLoss(nn.Module):
         disc_factor = self.disc_factor_at(step)
         g_loss, d_weight = zero, zero
         loss = nll + self.kl_weight * kl
+        known_w = self.known_weight_at(step) if mask is not None else 0.0
+        if known_w > 0:
+            with _fp32(device):
+                known_l1 = (l1 * (1 - mask.float())).sum() / l1.shape[0]
+            loss = loss + known_w * known_l1
         if disc_factor > 0:
             logits_fake = self.discriminator(self._to_disc(reconstructions))
             with _fp32(device):
@@ -291,6 +318,8 @@ class AsymLoss(nn.Module):
             "loss/d_weight": d_weight.detach(),
             "loss/disc_factor": torch.tensor(disc_factor, device=device),
         }
+        if self.known_pixel_weight > 0:
+            log["loss/known_weight"] = torch.tensor(known_w, device=device)
         return loss, log
 
     # ------------------------------------------------------------------ discriminator step

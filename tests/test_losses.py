@@ -88,6 +88,38 @@ def test_l1_term_hand_value_before_disc_start(loss_fn, monkeypatch):
         assert log[k].item() == 0.0
 
 
+def test_known_pixel_term_weights_only_known_pixels_and_anneals(loss_fn, monkeypatch):
+    """The fast start's extra term: w(step) * sum(|x - y| * (1 - mask)) / batch, w linear to 0."""
+    monkeypatch.setattr(loss_fn, "pixel_weight", 1.0)
+    monkeypatch.setattr(loss_fn, "perceptual_weight", 0.0)
+    monkeypatch.setattr(loss_fn, "known_pixel_weight", 4.0)
+    monkeypatch.setattr(loss_fn, "known_pixel_weight_steps", 10)
+    monkeypatch.setattr(loss_fn, "disc_start", 10**6)
+    x = torch.zeros(2, 3, 4, 4)
+    y = torch.zeros(2, 3, 4, 4)
+    y[0, 0, 0, 0] = 0.8  # known pixel
+    y[1, 2, 3, 3] = -0.4  # hole pixel: only in nll
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[1, :, 3, 3] = 1.0
+    nll = (0.8 + 0.4) / 2
+    for step, w in ((0, 4.0), (5, 2.0), (10, 0.0), (20, 0.0)):
+        loss, log = loss_fn.generator_loss(x, y, None, step=step, last_layer=None, mask=mask)
+        assert loss.item() == pytest.approx(nll + w * 0.8 / 2, rel=1e-6), step
+        assert log["loss/nll"].item() == pytest.approx(nll, rel=1e-6)  # the adaptive weight's input is unchanged
+        assert log["loss/known_weight"].item() == pytest.approx(w)
+    loss, _ = loss_fn.generator_loss(x, y, None, step=0, last_layer=None)  # no mask: no term
+    assert loss.item() == pytest.approx(nll, rel=1e-6)
+    monkeypatch.setattr(loss_fn, "known_pixel_weight_steps", 0)  # 0 = constant
+    assert loss_fn.known_weight_at(10**6) == 4.0
+
+
+def test_known_pixel_weight_must_be_non_negative():
+    from ldm_asym.losses import AsymLoss
+
+    with pytest.raises(ValueError, match="known_pixel_weight"):
+        AsymLoss(lpips_pretrained=False, perceptual_weight=0.0, known_pixel_weight=-1.0)
+
+
 def test_lpips_term_is_per_image_mean_and_weighted(loss_fn, monkeypatch):
     monkeypatch.setattr(loss_fn, "pixel_weight", 0.0)
     monkeypatch.setattr(loss_fn, "perceptual_weight", 0.7)

@@ -166,6 +166,36 @@ def test_lr_formula_and_schedule():
     assert module.lr == pytest.approx(1e-5)
 
 
+def test_lr_scales_give_named_parameters_their_own_group():
+    """The fast start's per-group lr: conv_out leaves the pretrained group for one at x1.0; a prefix
+    that matches nothing is named, not silently ignored."""
+    cfg = OmegaConf.to_container(load_config(TINY).model.params, resolve=True)
+    cfg.update(base_learning_rate=1e-3, scale_lr=False, pretrained_lr_scale=0.1, lr_scales={"conv_out.": 1.0})
+    module = AsymmetricVQGAN(**cfg)
+    module.pretrained_names = sorted(module.model.decoder.sd_parameter_names())
+    module._trainer = SimpleNamespace(world_size=1, datamodule=SimpleNamespace(batch_size=2), max_steps=10)
+    opt_g, _ = module.configure_optimizers()
+    groups = {g["name"]: g for g in opt_g.param_groups}
+    assert {k: g["lr_scale"] for k, g in groups.items()} == {"new": 1.0, "pretrained": 0.1, "conv_out.": 1.0}
+    dec = module.model.decoder
+    assert {id(p) for p in groups["conv_out."]["params"]} == {id(dec.conv_out.weight), id(dec.conv_out.bias)}
+    assert sum(len(g["params"]) for g in opt_g.param_groups) == len(list(dec.parameters()))
+    module._set_lr(opt_g, 1e-3)
+    assert groups["conv_out."]["lr"] == pytest.approx(1e-3) and groups["pretrained"]["lr"] == pytest.approx(1e-4)
+    module.hparams.lr_scales = {"conv_outt.": 1.0}
+    with pytest.raises(ValueError, match="lr_scales.*conv_outt"):
+        module.configure_optimizers()
+
+
+def test_fast_start_merges_on_the_base_config_without_touching_the_architecture():
+    base = load_config("configs/asym_base.yaml")
+    cfg = OmegaConf.merge(base, load_config("configs/ablations/fast_start.yaml"))
+    assert cfg.model.params.autoencoder == base.model.params.autoencoder  # same layers and shapes
+    assert cfg.model.params.lr_scales == {"conv_out.": 1.0}
+    assert cfg.model.params.loss.params.known_pixel_weight > 0
+    assert cfg.model.params.loss.params.perceptual_weight == 1.0  # the paper's loss is kept
+
+
 @pytest.mark.parametrize("logger", ["TensorBoardLogger", "WandbLogger"])
 def test_loggers_receive_metrics_and_image_grids(tmp_path, monkeypatch, logger):
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -83,6 +83,10 @@ class AsymmetricVQGAN(pl.LightningModule):
         base_learning_rate: per-sample lr; the used lr is this x world size x batch x accumulation
             when `scale_lr`, as in latent-diffusion (paper: 4.5e-6 -> 3.6e-4 on 8 GPUs x 10).
         pretrained_lr_scale: lr multiplier for decoder weights initialised from the SD decoder.
+        lr_scales: {name prefix: multiplier} for decoder parameters whose names start with the
+            prefix (e.g. {"conv_out.": 1.0}: the output conv at the branch's lr instead of x
+            `pretrained_lr_scale`); each prefix gets its own optimizer group. Not in the paper
+            (default none): part of the fast start, docs/convergence.md.
         betas, warmup_steps, warmup_start, min_lr: Adam(0.5, 0.9); linear warm-up x0.01 -> x1, then
             cosine to `min_lr` (absolute) at the end of training.
         accumulate_grad_batches, gradient_clip_val: under manual optimisation these live here.
@@ -108,6 +112,7 @@ class AsymmetricVQGAN(pl.LightningModule):
         base_learning_rate: float = 4.5e-6,
         scale_lr: bool = True,
         pretrained_lr_scale: float = 0.1,
+        lr_scales: Mapping[str, float] | None = None,
         betas: tuple[float, float] = (0.5, 0.9),
         warmup_steps: int = 5000,
         warmup_start: float = 0.01,
@@ -178,11 +183,22 @@ class AsymmetricVQGAN(pl.LightningModule):
         trained = self.model if hp.train_encoder else self.model.decoder
         prefix = "decoder." if hp.train_encoder else ""  # pretrained names are relative to the decoder
         named = [(n[len(prefix):] if n.startswith(prefix) else "/" + n, p) for n, p in trained.named_parameters()]
+        scales = dict(hp.lr_scales or {})
+        unmatched = [k for k in scales if not any(n.startswith(k) for n, _ in named)]
+        if unmatched:
+            raise ValueError(f"model.params.lr_scales: no trained parameter name starts with {unmatched} "
+                             f"(names are relative to the decoder, e.g. 'conv_out.', 'condition_encoder.')")
+        # A parameter matching several prefixes goes with the longest (the most specific) one.
+        match = {n: max((k for k in scales if n.startswith(k)), key=len, default=None) for n, _ in named}
+        scaled = {k: [p for n, p in named if match[n] == k] for k in scales}
+        taken = {id(p) for ps in scaled.values() for p in ps}
         groups = [
-            {"params": [p for n, p in named if n not in pretrained], "lr_scale": 1.0, "name": "new"},
-            {"params": [p for n, p in named if n in pretrained], "lr_scale": hp.pretrained_lr_scale,
-             "name": "pretrained"},
+            {"params": [p for n, p in named if n not in pretrained and id(p) not in taken], "lr_scale": 1.0,
+             "name": "new"},
+            {"params": [p for n, p in named if n in pretrained and id(p) not in taken],
+             "lr_scale": hp.pretrained_lr_scale, "name": "pretrained"},
         ]
+        groups += [{"params": ps, "lr_scale": float(scales[k]), "name": k} for k, ps in scaled.items()]
         groups = [g for g in groups if g["params"]]
         # Fused Adam (CPU and CUDA): one kernel per step, and it takes `found_inf`, which is how a
         # non-finite update is dropped without the host looking at the verdict.
@@ -270,7 +286,7 @@ class AsymmetricVQGAN(pl.LightningModule):
             z = posterior.sample(generator=self._noise_generator(self._batches_seen - 1))
         rec = self.model.decode(z, image=x, mask=mask, check_inputs=False)
         g_loss, log = self.loss.generator_loss(x, rec, posterior, step=step,
-                                               last_layer=self.model.decoder.conv_out.weight)
+                                               last_layer=self.model.decoder.conv_out.weight, mask=mask)
         with g_sync:
             self.manual_backward(self._poisoned(g_loss) / hp.accumulate_grad_batches)
         self.untoggle_optimizer(opt_g)
