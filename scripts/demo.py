@@ -6,9 +6,13 @@
    training path (`ldm_asym.cli.main` with configs/demo.yaml; the run lands in logs/).
 2. On held-out photo crops (chelsea, camera) with LaMa masks, decode the *same* latents with the
    stage-1 ("vanilla") decoder and with the new decoder, which also sees the known pixels.
-3. Print PSNR on known and hole pixels and the unmasked error, write comparison grids, and check
-   the bar: the new decoder cuts the unmasked error by >= 10x while its hole PSNR stays within
-   0.5 dB of the vanilla decoder's. Exit status 1 when the bar is missed.
+3. Print PSNR on known and hole pixels and the unmasked error, write comparison grids and the
+   run's convergence curves, and check the bar: the new decoder cuts the unmasked error by >= 30x
+   while its hole PSNR stays within 0.5 dB of the vanilla decoder's and its PSNR as a plain decoder
+   (all-ones mask) within 0.2 dB. Exit status 1 when the bar is missed.
+
+The training is the paper recipe plus the fast start (docs/convergence.md); the paper recipe alone:
+    python scripts/demo.py model.params.lr_scales=null model.params.loss.params.known_pixel_weight=0
 
     python scripts/demo.py                          # the full demo (make demo)
     python scripts/demo.py --steps 5 --val-crops 8 --no-bar    # a smoke run (tests)
@@ -31,9 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
 DEFAULT_VAE = ROOT / "data" / "demo_vae"
 PRESETS = ("medium", "thick")
-# The bar (issue: "a new user ... must still see the method work").
-MIN_UNMASKED_ERROR_CUT = 10.0
+# The bar. Measured with the shipped config (docs/convergence.md, seeds 23 / 0 / 1): cuts 42.6-52.7x,
+# hole PSNR -0.24..+0.77 dB, plain decoding +0.29..+0.72 dB; margins CPU nondeterminism cannot cross.
+# (Issue 12 asks for 50x and -0.2 dB on the holes: not met on every seed yet.)
+MIN_UNMASKED_ERROR_CUT = 30.0
 MAX_HOLE_PSNR_DROP_DB = 0.5
+MAX_PLAIN_PSNR_DROP_DB = 0.2
 EXPECTED_MINUTES = 5
 # Training crops are 64x64 (configs/demo_stage1.yaml); evaluation at twice that, like the paper's
 # 256 -> 512. The mask presets scale with the crop (sizes are LaMa's at 256).
@@ -81,7 +88,7 @@ def intro(args, steps: int) -> None:
     print(f"  2. decode {args.val_crops} held-out {args.val_size}x{args.val_size} crops (chelsea, camera) with LaMa "
           f"{'/'.join(args.presets)} masks: vanilla decoder vs the new one, same latents")
     print(f"  3. bar: unmasked error cut >= {MIN_UNMASKED_ERROR_CUT:g}x, hole PSNR within "
-          f"{MAX_HOLE_PSNR_DROP_DB:g} dB of vanilla")
+          f"{MAX_HOLE_PSNR_DROP_DB:g} dB of vanilla, plain decoding within {MAX_PLAIN_PSNR_DROP_DB:g} dB")
     print(f"Takes about {EXPECTED_MINUTES} minutes on 2 idle CPU cores (no GPU, no downloads).")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > 0.75 * cores:
@@ -251,6 +258,11 @@ def check_bar(results: dict, encoder_ok: bool) -> tuple[bool, list[str]]:
                      f"{MIN_UNMASKED_ERROR_CUT:g}x) {'ok' if cut_ok else 'MISSED'};  hole PSNR "
                      f"{r['hole_psnr_change_db']:+.2f} dB (need >= -{MAX_HOLE_PSNR_DROP_DB:g}) "
                      f"{'ok' if hole_ok else 'MISSED'}")
+    nm = results["no_mask_psnr"]
+    plain_ok = nm["ours"] - nm["vanilla"] >= -MAX_PLAIN_PSNR_DROP_DB
+    ok = ok and plain_ok
+    lines.append(f"  plain decoding (all-ones mask) {nm['ours'] - nm['vanilla']:+.2f} dB vs vanilla (need >= "
+                 f"-{MAX_PLAIN_PSNR_DROP_DB:g}) {'ok' if plain_ok else 'MISSED'}")
     return ok, lines
 
 
@@ -323,7 +335,8 @@ def main(argv=None) -> int:
     table = format_table(results)
     total = time.time() - t_start
     results.update(run_dir=str(run_dir), steps=steps, passed=ok, encoder_unchanged=encoder_ok,
-                   bar={"min_unmasked_error_cut": MIN_UNMASKED_ERROR_CUT, "max_hole_psnr_drop_db": MAX_HOLE_PSNR_DROP_DB},
+                   bar={"min_unmasked_error_cut": MIN_UNMASKED_ERROR_CUT, "max_hole_psnr_drop_db": MAX_HOLE_PSNR_DROP_DB,
+                        "max_plain_psnr_drop_db": MAX_PLAIN_PSNR_DROP_DB},
                    seconds={"train": round(t_train, 1), "eval": round(t_eval, 1), "total": round(total, 1)})
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
