@@ -345,7 +345,7 @@ class TrainStep:
         with _autocast(self.cfg):
             posterior, rec = self._encode_decode()
             g_loss, _ = self.loss.generator_loss(self.x, rec, posterior, step=self.step_count,
-                                                 last_layer=self.decoder.conv_out.weight)
+                                                 last_layer=self.decoder.conv_out.weight, mask=self.mask)
         self.opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         self.opt_g.step()

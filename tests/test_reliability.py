@@ -108,8 +108,8 @@ def _nan_after(monkeypatch, bad_steps):
 
     real = AsymLoss.generator_loss
 
-    def generator_loss(self, inputs, reconstructions, posterior=None, step=0, last_layer=None):
-        loss, log = real(self, inputs, reconstructions, posterior, step=step, last_layer=last_layer)
+    def generator_loss(self, inputs, reconstructions, posterior=None, step=0, **kwargs):
+        loss, log = real(self, inputs, reconstructions, posterior, step=step, **kwargs)
         return (loss * float("nan"), log) if bad_steps(step) else (loss, log)
 
     monkeypatch.setattr(AsymLoss, "generator_loss", generator_loss)
