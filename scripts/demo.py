@@ -7,9 +7,9 @@
 2. On held-out photo crops (chelsea, camera) with LaMa masks, decode the *same* latents with the
    stage-1 ("vanilla") decoder and with the new decoder, which also sees the known pixels.
 3. Print PSNR on known and hole pixels and the unmasked error, write comparison grids and the
-   run's convergence curves, and check the bar: the new decoder cuts the unmasked error by >= 30x
-   while its hole PSNR stays within 0.5 dB of the vanilla decoder's and its PSNR as a plain decoder
-   (all-ones mask) within 0.2 dB. Exit status 1 when the bar is missed.
+   run's convergence curves, and check the bar: the new decoder cuts the unmasked error by >= 40x
+   while its hole PSNR stays within 0.2 dB of the vanilla decoder's and its PSNR as a plain decoder
+   (all-ones mask) is no worse. Exit status 1 when the bar is missed.
 
 The training is the paper recipe plus the fast start (docs/convergence.md); the paper recipe alone:
     python scripts/demo.py model.params.lr_scales=null model.params.loss.params.known_pixel_weight=0
@@ -35,12 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
 DEFAULT_VAE = ROOT / "data" / "demo_vae"
 PRESETS = ("medium", "thick")
-# The bar. Measured with the shipped config (docs/convergence.md, seeds 23 / 0 / 1): cuts 42.6-52.7x,
-# hole PSNR -0.24..+0.77 dB, plain decoding +0.29..+0.72 dB; margins CPU nondeterminism cannot cross.
-# (Issue 12 asks for 50x and -0.2 dB on the holes: not met on every seed yet.)
-MIN_UNMASKED_ERROR_CUT = 30.0
-MAX_HOLE_PSNR_DROP_DB = 0.5
-MAX_PLAIN_PSNR_DROP_DB = 0.2
+# The bar. Measured with the shipped config (docs/convergence.md, seeds 23 / 1 / 0): cuts 46.6-57.5x
+# (medium) and 51.6-63.0x (thick), hole PSNR -0.05..+0.89 dB, plain decoding +0.54..+0.62 dB; the
+# margins are wider than CPU nondeterminism moves a fixed seed. Issue 12 asks for 50x: not met yet
+# with medium masks.
+MIN_UNMASKED_ERROR_CUT = 40.0
+MAX_HOLE_PSNR_DROP_DB = 0.2
+MAX_PLAIN_PSNR_DROP_DB = 0.0
 EXPECTED_MINUTES = 5
 # Training crops are 64x64 (configs/demo_stage1.yaml); evaluation at twice that, like the paper's
 # 256 -> 512. The mask presets scale with the crop (sizes are LaMa's at 256).
@@ -88,7 +89,7 @@ def intro(args, steps: int) -> None:
     print(f"  2. decode {args.val_crops} held-out {args.val_size}x{args.val_size} crops (chelsea, camera) with LaMa "
           f"{'/'.join(args.presets)} masks: vanilla decoder vs the new one, same latents")
     print(f"  3. bar: unmasked error cut >= {MIN_UNMASKED_ERROR_CUT:g}x, hole PSNR within "
-          f"{MAX_HOLE_PSNR_DROP_DB:g} dB of vanilla, plain decoding within {MAX_PLAIN_PSNR_DROP_DB:g} dB")
+          f"{MAX_HOLE_PSNR_DROP_DB:g} dB of vanilla, plain decoding within {MAX_PLAIN_PSNR_DROP_DB:g} dB of vanilla")
     print(f"Takes about {EXPECTED_MINUTES} minutes on 2 idle CPU cores (no GPU, no downloads).")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > 0.75 * cores:
@@ -194,10 +195,15 @@ def evaluate(vanilla, ours, presets, n_crops: int, grid_dir: Path, grid_crops: i
 
     results = {"n_crops": n_crops, "crop_size": size, "presets": {}}
     with torch.no_grad():
+        # The crops are fixed per index whatever the masks (SkimageDataset's val split), so the
+        # latents and the vanilla decoding (which never sees the mask) are computed once.
+        x, _ = held_out(presets[0], n_crops, size)
+        z = vanilla.encode(x).mode()  # the frozen encoder: same latents for both decoders
+        rec_v = _decode(vanilla, z)
         for preset in presets:
-            x, m = held_out(preset, n_crops, size)
-            z = vanilla.encode(x).mode()  # the frozen encoder: same latents for both decoders
-            rec_v = _decode(vanilla, z)  # the vanilla decoder never sees the image
+            x_p, m = held_out(preset, n_crops, size)
+            if not torch.equal(x_p, x):
+                raise RuntimeError(f"held-out crops differ between mask presets {presets[0]} and {preset}")
             rec_o = _decode(ours, z, x, m)
             res = {"hole_fraction": float(m.mean()), "vanilla": region_stats(x, rec_v, m),
                    "ours": region_stats(x, rec_o, m)}
@@ -206,10 +212,8 @@ def evaluate(vanilla, ours, presets, n_crops: int, grid_dir: Path, grid_crops: i
             results["presets"][preset] = res
             save_grid(grid_dir / f"{preset}.png", x, m, rec_v, rec_o, grid_crops)
         # Without known pixels (an all-ones mask, i.e. text-to-image use) the new decoder is a plain decoder.
-        x, _ = held_out(presets[0], n_crops, size)
-        z = vanilla.encode(x).mode()
         results["no_mask_psnr"] = {
-            "vanilla": float(metrics.psnr(x, _decode(vanilla, z)).mean()),
+            "vanilla": float(metrics.psnr(x, rec_v).mean()),
             "ours": float(metrics.psnr(x, _decode(ours, z, x, torch.ones_like(x[:, :1]))).mean()),
         }
     return results
@@ -262,7 +266,7 @@ def check_bar(results: dict, encoder_ok: bool) -> tuple[bool, list[str]]:
     plain_ok = nm["ours"] - nm["vanilla"] >= -MAX_PLAIN_PSNR_DROP_DB
     ok = ok and plain_ok
     lines.append(f"  plain decoding (all-ones mask) {nm['ours'] - nm['vanilla']:+.2f} dB vs vanilla (need >= "
-                 f"-{MAX_PLAIN_PSNR_DROP_DB:g}) {'ok' if plain_ok else 'MISSED'}")
+                 f"{-MAX_PLAIN_PSNR_DROP_DB or 0.0:g}) {'ok' if plain_ok else 'MISSED'}")
     return ok, lines
 
 

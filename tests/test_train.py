@@ -191,7 +191,7 @@ def test_fast_start_merges_on_the_base_config_without_touching_the_architecture(
     base = load_config("configs/asym_base.yaml")
     cfg = OmegaConf.merge(base, load_config("configs/ablations/fast_start.yaml"))
     assert cfg.model.params.autoencoder == base.model.params.autoencoder  # same layers and shapes
-    assert cfg.model.params.lr_scales == {"conv_out.": 1.0}
+    assert cfg.model.params.lr_scales == {"conv_out.": 1.0, "conv_norm_out.": 1.0, "condition_encoder.layers.0.": 3.0}
     assert cfg.model.params.loss.params.known_pixel_weight > 0
     assert cfg.model.params.loss.params.perceptual_weight == 1.0  # the paper's loss is kept
 
