@@ -107,6 +107,13 @@ def _drop_perceptual(module, state_dict, prefix, local_metadata):
         del state_dict[key]
 
 
+def border_weights(size: tuple[int, int], weight: float, device=None) -> torch.Tensor:
+    """H×W map: `weight` on the outermost pixel ring, 1 inside."""
+    w = torch.full(tuple(size), float(weight), device=device)
+    w[1:-1, 1:-1] = 1.0
+    return w
+
+
 class AsymLoss(nn.Module):
     """L1 + LPIPS + KL + PatchGAN loss for training the asymmetric decoder (paper defaults).
 
@@ -130,6 +137,10 @@ class AsymLoss(nn.Module):
             in the paper (default 0): the fast start of configs/ablations/fast_start.yaml, see
             docs/convergence.md. It is added outside ``nll``, so the GAN's adaptive weight is the
             paper's.
+        known_pixel_border_weight: multiplier of that term on the image's outermost pixel ring (1 =
+            uniform). The output conv zero-pads, so a known pixel on the border sees zeros where the
+            interior sees features: that ring is the slowest part of the pass-through to learn
+            (docs/convergence.md measures it).
     """
 
     def __init__(
@@ -150,6 +161,7 @@ class AsymLoss(nn.Module):
         use_actnorm: bool = False,
         known_pixel_weight: float = 0.0,
         known_pixel_weight_steps: int = 0,
+        known_pixel_border_weight: float = 1.0,
     ):
         super().__init__()
         from taming.modules.discriminator.model import NLayerDiscriminator, weights_init
@@ -171,6 +183,9 @@ class AsymLoss(nn.Module):
                              f"{known_pixel_weight} and {known_pixel_weight_steps}")
         self.known_pixel_weight = float(known_pixel_weight)
         self.known_pixel_weight_steps = int(known_pixel_weight_steps)
+        if known_pixel_border_weight < 0:
+            raise ValueError(f"known_pixel_border_weight must be >= 0; got {known_pixel_border_weight}")
+        self.known_pixel_border_weight = float(known_pixel_border_weight)
         self._d_loss_fn = hinge_d_loss if disc_loss == "hinge" else vanilla_d_loss
 
         self.perceptual = build_lpips(lpips_net, pretrained=lpips_pretrained)
@@ -253,8 +268,9 @@ class AsymLoss(nn.Module):
         mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The decoder's loss: ``nll + kl_weight * KL + d_weight * disc_factor * g`` (+ the known-pixel
-        term ``known_weight_at(step) * sum(|x - x̂| * (1 - mask)) / batch`` when that weight is > 0 and
-        `mask`, 1 = hole, is given).
+        term ``known_weight_at(step) * sum(|x - x̂| * (1 - mask) * b) / batch``, ``b`` =
+        `known_pixel_border_weight` on the outermost pixel ring and 1 inside, when that weight is > 0
+        and `mask`, 1 = hole, is given).
 
         ``nll = sum(pixel_weight * |x - x̂| + perceptual_weight * LPIPS(x, x̂)) / batch`` (LPIPS per
         image, broadcast over pixels, as LDM). Everything is computed in fp32, also under bf16/fp16 autocast (the
@@ -298,7 +314,10 @@ class AsymLoss(nn.Module):
         known_w = self.known_weight_at(step) if mask is not None else 0.0
         if known_w > 0:
             with _fp32(device):
-                known_l1 = (l1 * (1 - mask.float())).sum() / l1.shape[0]
+                known = 1 - mask.float()
+                if self.known_pixel_border_weight != 1:
+                    known = known * border_weights(known.shape[-2:], self.known_pixel_border_weight, device)
+                known_l1 = (l1 * known).sum() / l1.shape[0]
             loss = loss + known_w * known_l1
         if disc_factor > 0:
             logits_fake = self.discriminator(self._to_disc(reconstructions))

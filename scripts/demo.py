@@ -7,7 +7,7 @@
 2. On held-out photo crops (chelsea, camera) with LaMa masks, decode the *same* latents with the
    stage-1 ("vanilla") decoder and with the new decoder, which also sees the known pixels.
 3. Print PSNR on known and hole pixels and the unmasked error, write comparison grids and the
-   run's convergence curves, and check the bar: the new decoder cuts the unmasked error by >= 40x
+   run's convergence curves, and check the bar: the new decoder cuts the unmasked error by >= 50x
    while its hole PSNR stays within 0.2 dB of the vanilla decoder's and its PSNR as a plain decoder
    (all-ones mask) is no worse. Exit status 1 when the bar is missed.
 
@@ -35,17 +35,23 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
 DEFAULT_VAE = ROOT / "data" / "demo_vae"
 PRESETS = ("medium", "thick")
-# The bar. Measured with the shipped config (docs/convergence.md, seeds 23 / 1 / 0): cuts 46.6-57.5x
-# (medium) and 51.6-63.0x (thick), hole PSNR -0.05..+0.89 dB, plain decoding +0.54..+0.62 dB; the
-# margins are wider than CPU nondeterminism moves a fixed seed. Issue 12 asks for 50x: not met yet
-# with medium masks.
-MIN_UNMASKED_ERROR_CUT = 40.0
+# The bar: issue 12's targets. Measured with the shipped config (docs/convergence.md): seed 23 (the
+# default) 86.3x / 105.3x (medium / thick), holes +0.03 / +0.30 dB, plain decoding +0.55 dB; other
+# seeds: 1, 2, 3 pass (58.8-82.2x medium, 74.4-112.7x thick, holes +0.07..+0.52 dB), seed 0 cuts
+# 70.9x / 99.0x but loses 0.27 dB in medium-mask holes. The seed-23 margins are wider than CPU
+# nondeterminism moves a fixed seed.
+MIN_UNMASKED_ERROR_CUT = 50.0
 MAX_HOLE_PSNR_DROP_DB = 0.2
 MAX_PLAIN_PSNR_DROP_DB = 0.0
 EXPECTED_MINUTES = 5
 # Training crops are 64x64 (configs/demo_stage1.yaml); evaluation at twice that, like the paper's
 # 256 -> 512. The mask presets scale with the crop (sizes are LaMa's at 256).
 VAL_SIZE = 128
+
+
+def _plain_bar() -> str:
+    return ("no worse than vanilla" if MAX_PLAIN_PSNR_DROP_DB == 0
+            else f"within {MAX_PLAIN_PSNR_DROP_DB:g} dB of vanilla")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -89,7 +95,7 @@ def intro(args, steps: int) -> None:
     print(f"  2. decode {args.val_crops} held-out {args.val_size}x{args.val_size} crops (chelsea, camera) with LaMa "
           f"{'/'.join(args.presets)} masks: vanilla decoder vs the new one, same latents")
     print(f"  3. bar: unmasked error cut >= {MIN_UNMASKED_ERROR_CUT:g}x, hole PSNR within "
-          f"{MAX_HOLE_PSNR_DROP_DB:g} dB of vanilla, plain decoding within {MAX_PLAIN_PSNR_DROP_DB:g} dB of vanilla")
+          f"{MAX_HOLE_PSNR_DROP_DB:g} dB of vanilla, plain decoding {_plain_bar()}")
     print(f"Takes about {EXPECTED_MINUTES} minutes on 2 idle CPU cores (no GPU, no downloads).")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > 0.75 * cores:
@@ -266,7 +272,7 @@ def check_bar(results: dict, encoder_ok: bool) -> tuple[bool, list[str]]:
     plain_ok = nm["ours"] - nm["vanilla"] >= -MAX_PLAIN_PSNR_DROP_DB
     ok = ok and plain_ok
     lines.append(f"  plain decoding (all-ones mask) {nm['ours'] - nm['vanilla']:+.2f} dB vs vanilla (need >= "
-                 f"{-MAX_PLAIN_PSNR_DROP_DB or 0.0:g}) {'ok' if plain_ok else 'MISSED'}")
+                 f"{0.0 - MAX_PLAIN_PSNR_DROP_DB:g}) {'ok' if plain_ok else 'MISSED'}")
     return ok, lines
 
 

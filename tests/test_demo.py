@@ -1,6 +1,6 @@
 """The offline demo: the shipped stage-1 autoencoder works, and scripts/demo.py runs end to end.
 
-The full demo with its bar (>= 40x lower unmasked error, hole PSNR within 0.2 dB, plain decoding no
+The full demo with its bar (>= 50x lower unmasked error, hole PSNR within 0.2 dB, plain decoding no
 worse) is `make demo` and `test_full_demo_meets_its_bar`; the other tests run a few steps only.
 """
 
@@ -85,11 +85,11 @@ def test_check_bar():
         return {"presets": {"thick": {"unmasked_error_cut": cut, "hole_psnr_change_db": hole_change}},
                 "no_mask_psnr": {"vanilla": 20.0, "ours": 20.0 + plain_change}}
 
-    assert demo.check_bar(results(41.0, -0.15, 0.0), True)[0]
-    assert not demo.check_bar(results(39.0, 0.3), True)[0]
-    assert not demo.check_bar(results(50.0, -0.25), True)[0]
-    assert not demo.check_bar(results(50.0, 0.0, -0.05), True)[0]  # plain decoding must not get worse
-    assert not demo.check_bar(results(50.0, 0.0), False)[0]  # the encoder must stay frozen
+    assert demo.check_bar(results(51.0, -0.15, 0.0), True)[0]
+    assert not demo.check_bar(results(49.0, 0.3), True)[0]
+    assert not demo.check_bar(results(60.0, -0.25), True)[0]
+    assert not demo.check_bar(results(60.0, 0.0, -0.05), True)[0]  # plain decoding must not get worse
+    assert not demo.check_bar(results(60.0, 0.0), False)[0]  # the encoder must stay frozen
 
 
 def test_demo_smoke(tmp_path, monkeypatch, capsys):
@@ -141,9 +141,9 @@ def test_demo_reports_a_missing_vae(tmp_path, capsys):
 def test_full_demo_meets_its_bar(tmp_path, monkeypatch, capsys):
     """`make demo` itself (about 4 minutes on 2 cores): the issue's bar, on the shipped VAE and config.
 
-    Measured margins (docs/convergence.md, seeds 23, 1, 0): 46.6-63.0x lower unmasked error (bar: 40x),
-    hole PSNR -0.05..+0.89 dB (bar: -0.2 dB), plain decoding +0.54..+0.62 dB (bar: 0 dB), so CPU
-    nondeterminism cannot flip it.
+    Measured margins at the default seed 23 (docs/convergence.md): 86.3x / 105.3x lower unmasked
+    error (bar: 50x), hole PSNR +0.03 / +0.30 dB (bar: -0.2 dB), plain decoding +0.55 dB (bar: 0 dB),
+    so CPU nondeterminism cannot flip it. (Not every seed passes: seed 0 loses 0.27 dB in the holes.)
     """
     monkeypatch.setenv(RUN_DIR_ENV, "")
     demo = load_demo_script()

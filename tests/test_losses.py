@@ -88,13 +88,16 @@ def test_l1_term_hand_value_before_disc_start(loss_fn, monkeypatch):
         assert log[k].item() == 0.0
 
 
+def _l1_and_known_term(loss_fn, monkeypatch, **known):
+    """Loss = plain L1 + the fast start's known-pixel term (no LPIPS, no GAN), with `known` settings."""
+    settings = {"pixel_weight": 1.0, "perceptual_weight": 0.0, "disc_start": 10**6, **known}
+    for name, value in settings.items():
+        monkeypatch.setattr(loss_fn, name, value)
+
+
 def test_known_pixel_term_weights_only_known_pixels_and_anneals(loss_fn, monkeypatch):
     """The fast start's extra term: w(step) * sum(|x - y| * (1 - mask)) / batch, w linear to 0."""
-    monkeypatch.setattr(loss_fn, "pixel_weight", 1.0)
-    monkeypatch.setattr(loss_fn, "perceptual_weight", 0.0)
-    monkeypatch.setattr(loss_fn, "known_pixel_weight", 4.0)
-    monkeypatch.setattr(loss_fn, "known_pixel_weight_steps", 10)
-    monkeypatch.setattr(loss_fn, "disc_start", 10**6)
+    _l1_and_known_term(loss_fn, monkeypatch, known_pixel_weight=4.0, known_pixel_weight_steps=10)
     x = torch.zeros(2, 3, 4, 4)
     y = torch.zeros(2, 3, 4, 4)
     y[0, 0, 0, 0] = 0.8  # known pixel
@@ -113,11 +116,30 @@ def test_known_pixel_term_weights_only_known_pixels_and_anneals(loss_fn, monkeyp
     assert loss_fn.known_weight_at(10**6) == 4.0
 
 
+def test_known_pixel_border_weight_scales_only_the_outer_ring_of_known_pixels(loss_fn, monkeypatch):
+    """known_pixel_border_weight multiplies the extra term on the outermost pixel ring only."""
+    _l1_and_known_term(loss_fn, monkeypatch, known_pixel_weight=2.0, known_pixel_weight_steps=0,
+                       known_pixel_border_weight=5.0)
+    x = torch.zeros(1, 3, 6, 6)
+    y = torch.zeros(1, 3, 6, 6)
+    y[0, 0, 0, 3] = 0.5  # known, on the border ring: weight 2 * 5
+    y[0, 1, 1, 1] = 0.25  # known, one pixel inside: weight 2
+    y[0, 2, 5, 5] = 0.125  # hole on the border: only in nll
+    mask = torch.zeros(1, 1, 6, 6)
+    mask[0, :, 5, 5] = 1.0
+    nll = 0.5 + 0.25 + 0.125
+    loss, log = loss_fn.generator_loss(x, y, None, step=0, last_layer=None, mask=mask)
+    assert loss.item() == pytest.approx(nll + 2.0 * (5.0 * 0.5 + 0.25), rel=1e-6)
+    assert log["loss/nll"].item() == pytest.approx(nll, rel=1e-6)
+
+
 def test_known_pixel_weight_must_be_non_negative():
     from ldm_asym.losses import AsymLoss
 
     with pytest.raises(ValueError, match="known_pixel_weight"):
         AsymLoss(lpips_pretrained=False, perceptual_weight=0.0, known_pixel_weight=-1.0)
+    with pytest.raises(ValueError, match="known_pixel_border_weight"):
+        AsymLoss(lpips_pretrained=False, perceptual_weight=0.0, known_pixel_border_weight=-1.0)
 
 
 def test_lpips_term_is_per_image_mean_and_weighted(loss_fn, monkeypatch):
