@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 # torchvision's ImageNet trunks that `lpips` loads through `torchvision.models.<net>(pretrained=True)`.
 LPIPS_TRUNK_FILES = {
@@ -114,6 +115,12 @@ def border_weights(size: tuple[int, int], weight: float, device=None) -> torch.T
     return w
 
 
+def near_hole_weights(mask: torch.Tensor, weight: float) -> torch.Tensor:
+    """B×1×H×W map: `weight` on known pixels with a hole among their 8 neighbours, 1 elsewhere."""
+    band = F.max_pool2d(mask, kernel_size=3, stride=1, padding=1) * (1 - mask)
+    return 1 + (weight - 1) * band
+
+
 class AsymLoss(nn.Module):
     """L1 + LPIPS + KL + PatchGAN loss for training the asymmetric decoder (paper defaults).
 
@@ -141,6 +148,9 @@ class AsymLoss(nn.Module):
             uniform). The output conv zero-pads, so a known pixel on the border sees zeros where the
             interior sees features: that ring is the slowest part of the pass-through to learn
             (docs/convergence.md measures it).
+        known_pixel_near_hole_weight: multiplier of that term on known pixels with a hole among
+            their 8 neighbours (1 = uniform). The output conv is 3×3, so there it mixes the branch's
+            features with the decoder's hole features: the same cause as the border ring.
     """
 
     def __init__(
@@ -162,6 +172,7 @@ class AsymLoss(nn.Module):
         known_pixel_weight: float = 0.0,
         known_pixel_weight_steps: int = 0,
         known_pixel_border_weight: float = 1.0,
+        known_pixel_near_hole_weight: float = 1.0,
     ):
         super().__init__()
         from taming.modules.discriminator.model import NLayerDiscriminator, weights_init
@@ -186,6 +197,9 @@ class AsymLoss(nn.Module):
         if known_pixel_border_weight < 0:
             raise ValueError(f"known_pixel_border_weight must be >= 0; got {known_pixel_border_weight}")
         self.known_pixel_border_weight = float(known_pixel_border_weight)
+        if known_pixel_near_hole_weight < 0:
+            raise ValueError(f"known_pixel_near_hole_weight must be >= 0; got {known_pixel_near_hole_weight}")
+        self.known_pixel_near_hole_weight = float(known_pixel_near_hole_weight)
         self._d_loss_fn = hinge_d_loss if disc_loss == "hinge" else vanilla_d_loss
 
         self.perceptual = build_lpips(lpips_net, pretrained=lpips_pretrained)
@@ -269,8 +283,9 @@ class AsymLoss(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The decoder's loss: ``nll + kl_weight * KL + d_weight * disc_factor * g`` (+ the known-pixel
         term ``known_weight_at(step) * sum(|x - x̂| * (1 - mask) * b) / batch``, ``b`` =
-        `known_pixel_border_weight` on the outermost pixel ring and 1 inside, when that weight is > 0
-        and `mask`, 1 = hole, is given).
+        `known_pixel_border_weight` on the outermost pixel ring and 1 inside, times
+        `known_pixel_near_hole_weight` on known pixels next to a hole, when that weight is > 0 and
+        `mask`, 1 = hole, is given).
 
         ``nll = sum(pixel_weight * |x - x̂| + perceptual_weight * LPIPS(x, x̂)) / batch`` (LPIPS per
         image, broadcast over pixels, as LDM). Everything is computed in fp32, also under bf16/fp16 autocast (the
@@ -314,9 +329,12 @@ class AsymLoss(nn.Module):
         known_w = self.known_weight_at(step) if mask is not None else 0.0
         if known_w > 0:
             with _fp32(device):
-                known = 1 - mask.float()
+                m = mask.float()
+                known = 1 - m
                 if self.known_pixel_border_weight != 1:
                     known = known * border_weights(known.shape[-2:], self.known_pixel_border_weight, device)
+                if self.known_pixel_near_hole_weight != 1:
+                    known = known * near_hole_weights(m, self.known_pixel_near_hole_weight)
                 known_l1 = (l1 * known).sum() / l1.shape[0]
             loss = loss + known_w * known_l1
         if disc_factor > 0:

@@ -133,6 +133,27 @@ def test_known_pixel_border_weight_scales_only_the_outer_ring_of_known_pixels(lo
     assert log["loss/nll"].item() == pytest.approx(nll, rel=1e-6)
 
 
+def test_known_pixel_near_hole_weight_scales_only_known_pixels_next_to_a_hole(loss_fn, monkeypatch):
+    """known_pixel_near_hole_weight multiplies the extra term on known pixels with a hole among their
+    8 neighbours (diagonals included), on top of the border weight; holes and farther pixels keep 1."""
+    _l1_and_known_term(loss_fn, monkeypatch, known_pixel_weight=2.0, known_pixel_weight_steps=0,
+                       known_pixel_border_weight=5.0, known_pixel_near_hole_weight=3.0)
+    x = torch.zeros(1, 3, 8, 8)
+    y = torch.zeros(1, 3, 8, 8)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[0, :, 3, 3] = 1.0
+    mask[0, :, 7, 7] = 1.0
+    y[0, 0, 2, 2] = 0.5  # known, diagonal neighbour of the hole at (3, 3): weight 2 * 3
+    y[0, 1, 3, 4] = 0.25  # known, beside it: weight 2 * 3
+    y[0, 2, 3, 5] = 0.125  # known, two pixels away: weight 2
+    y[0, 0, 3, 3] = 1.0  # the hole: only in nll
+    y[0, 1, 7, 6] = 0.0625  # known, on the border and next to the hole at (7, 7): weight 2 * 5 * 3
+    nll = 0.5 + 0.25 + 0.125 + 1.0 + 0.0625
+    loss, log = loss_fn.generator_loss(x, y, None, step=0, last_layer=None, mask=mask)
+    assert loss.item() == pytest.approx(nll + 2.0 * (3 * 0.5 + 3 * 0.25 + 0.125 + 15 * 0.0625), rel=1e-6)
+    assert log["loss/nll"].item() == pytest.approx(nll, rel=1e-6)
+
+
 def test_known_pixel_weight_must_be_non_negative():
     from ldm_asym.losses import AsymLoss
 
@@ -140,6 +161,8 @@ def test_known_pixel_weight_must_be_non_negative():
         AsymLoss(lpips_pretrained=False, perceptual_weight=0.0, known_pixel_weight=-1.0)
     with pytest.raises(ValueError, match="known_pixel_border_weight"):
         AsymLoss(lpips_pretrained=False, perceptual_weight=0.0, known_pixel_border_weight=-1.0)
+    with pytest.raises(ValueError, match="known_pixel_near_hole_weight"):
+        AsymLoss(lpips_pretrained=False, perceptual_weight=0.0, known_pixel_near_hole_weight=-1.0)
 
 
 def test_lpips_term_is_per_image_mean_and_weighted(loss_fn, monkeypatch):
