@@ -139,7 +139,7 @@ def test_demo_reports_a_missing_vae(tmp_path, capsys):
 
 
 def test_full_demo_meets_its_bar(tmp_path, monkeypatch, capsys):
-    """`make demo` itself (4-5 minutes on 2 cores at their usual speed): the issue's bar, shipped VAE and config.
+    """`make demo` itself (4-7 minutes on 2 cores, depending on their speed): the issue's bar, shipped VAE and config.
 
     Measured margins at the default seed 23 (docs/convergence.md): 80.3x / 92.4x lower unmasked
     error (bar: 50x), hole PSNR +0.07 / +0.47 dB (bar: -0.2 dB), plain decoding +0.44 dB (bar: 0 dB),
