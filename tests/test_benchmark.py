@@ -104,11 +104,15 @@ def test_upsample_conv_equals_nearest_then_conv(channels_last):
     x.requires_grad_(True)
     ref = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
     g_ref = torch.autograd.grad(ref.square().sum(), [x, conv.weight, conv.bias])
-    out = upsample_conv(x, conv, upsample_taps())
+    out = upsample_conv(x, conv, upsample_taps())  # under autograd: the transposed-conv form
     g_out = torch.autograd.grad(out.square().sum(), [x, conv.weight, conv.bias])
-    assert out.shape == ref.shape == (2, 5, 14, 10)
-    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    assert (out - ref).abs().max() < 1e-5
+    with torch.no_grad():
+        out_fwd = upsample_conv(x, conv, upsample_taps())  # forward only: the 2x2 conv + phase copies
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for o in (out, out_fwd):
+        assert o.shape == ref.shape == (2, 5, 14, 10)
+        assert o.is_contiguous(memory_format=fmt)
+        assert (o - ref).abs().max() < 1e-5
     for a, b in zip(g_out, g_ref):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
 

@@ -7,9 +7,11 @@ are written here. Variants (SD vanilla, base, large 1.5x / 2x, concat ablation) 
 Speed (`fast=True`, the default; docs/benchmarks.md has the numbers): the up levels run diffusers'
 modules through a leaner forward with the same parameters and the same function, within float
 rounding (<= 1e-4 against diffusers, tests/test_model.py):
-* nearest x2 upsampling + 3x3 conv is computed as one 2x2 conv on the low-resolution input, one
-  output channel group per output phase (`upsample_conv`): 16 instead of 36 multiply-adds per
-  input pixel and channel pair, and no 4x-sized upsampled tensor;
+* nearest x2 upsampling + 3x3 conv is computed on the low-resolution input with the 16 taps it
+  really has per output pixel quartet (`upsample_conv`): 16 instead of 36 multiply-adds per input
+  pixel and channel pair, and no 4x-sized upsampled tensor. Under autograd as one stride-2
+  transposed conv (cheap backward), otherwise as one 2x2 conv with an output channel group per
+  output phase (the faster forward);
 * resnets skip the division by `output_scale_factor` (1) and, without autograd, apply SiLU and
   the residual add in place (`_resnet`);
 * the blend is one `lerp` instead of four elementwise ops.
@@ -61,7 +63,17 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, taps: torch.Tensor) -> torch
                    if torch.amp.is_autocast_available(device_type) else nullcontext())
     with no_autocast:
         weight = torch.matmul(conv.weight.float().reshape(1, o * i, 9), taps.float())  # (4, o*i, 4)
-    weight = weight.to(conv.weight.dtype).reshape(4 * o, i, 2, 2)
+    weight = weight.to(conv.weight.dtype)  # (phase 2a + b, o * i, tap 2p + q)
+    if torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad):
+        # Under autograd the same 16 taps run as one stride-2 transposed conv (tap (p, q) of phase
+        # (a, b) is its kernel entry (3 - a - 2p, 3 - b - 2q)): its backward is two convolutions,
+        # where the phase copies below would zero-fill a (4o, H+1, W+1) gradient once per phase.
+        # Forward alone, the 2x2 conv below is as fast or faster (docs/benchmarks.md).
+        w4 = weight.reshape(2, 2, o, i, 2, 2).permute(3, 2, 4, 0, 5, 1).reshape(i, o, 4, 4).flip(-2, -1)
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            w4 = w4.contiguous(memory_format=torch.channels_last)
+        return F.conv_transpose2d(x, w4, conv.bias, stride=2, padding=1)
+    weight = weight.reshape(4 * o, i, 2, 2)
     bias = conv.bias.repeat(4) if conv.bias is not None else None
     y = F.conv2d(x, weight, bias, padding=1)  # (B, 4*o, H+1, W+1)
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
