@@ -139,11 +139,12 @@ def test_demo_reports_a_missing_vae(tmp_path, capsys):
 
 
 def test_full_demo_meets_its_bar(tmp_path, monkeypatch, capsys):
-    """`make demo` itself (4-7 minutes on 2 cores, depending on their speed): the issue's bar, shipped VAE and config.
+    """`make demo` itself (3-5 minutes on 2 cores, depending on their speed): the issue's bar, shipped VAE and config.
 
-    Measured margins at the default seed 23 (docs/convergence.md): 80.3x / 92.4x lower unmasked
-    error (bar: 50x), hole PSNR +0.07 / +0.47 dB (bar: -0.2 dB), plain decoding +0.44 dB (bar: 0 dB),
-    wider than CPU nondeterminism moves a fixed seed.
+    Measured margins at the default seed 23 (docs/convergence.md): 68.3x / 75.2x lower unmasked
+    error (bar: 50x), hole PSNR -0.12 / +0.14 dB (bar: -0.2 dB), plain decoding +0.54 dB (bar: 0 dB).
+    A fixed seed gives the same table on a given machine; a CPU whose kernels round differently
+    behaves like another seed, and two seeds of the five measured miss the medium-mask hole bar.
     """
     monkeypatch.setenv(RUN_DIR_ENV, "")
     demo = load_demo_script()
@@ -153,7 +154,7 @@ def test_full_demo_meets_its_bar(tmp_path, monkeypatch, capsys):
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     results = json.loads((run_dir / "demo" / "results.json").read_text())
     assert results["passed"] and results["crop_size"] == 128
-    assert results["steps"] == demo.config_steps(demo.DEFAULT_CONFIG) == 800
+    assert results["steps"] == demo.config_steps(demo.DEFAULT_CONFIG) == 700
     for res in results["presets"].values():
         assert res["unmasked_error_cut"] >= demo.MIN_UNMASKED_ERROR_CUT
         assert res["hole_psnr_change_db"] >= -demo.MAX_HOLE_PSNR_DROP_DB
