@@ -141,10 +141,10 @@ def test_demo_reports_a_missing_vae(tmp_path, capsys):
 def test_full_demo_meets_its_bar(tmp_path, monkeypatch, capsys):
     """`make demo` itself (3-5 minutes on 2 cores, depending on their speed): the issue's bar, shipped VAE and config.
 
-    Measured margins at the default seed 23 (docs/convergence.md): 68.3x / 75.2x lower unmasked
-    error (bar: 50x), hole PSNR -0.12 / +0.14 dB (bar: -0.2 dB), plain decoding +0.54 dB (bar: 0 dB).
-    A fixed seed gives the same table on a given machine; a CPU whose kernels round differently
-    behaves like another seed, and two seeds of the five measured miss the medium-mask hole bar.
+    Measured margins at the default seed 23 (docs/convergence.md, 2 cores of an AMD EPYC): 58.0x /
+    60.1x lower unmasked error (bar: 50x), hole PSNR +0.32 / +0.68 dB (bar: -0.2 dB), plain decoding
+    +0.52 dB (bar: 0 dB). A fixed seed gives the same table on a given machine; a CPU whose kernels
+    round differently behaves like another seed, and two seeds of the five measured miss the bar.
     """
     monkeypatch.setenv(RUN_DIR_ENV, "")
     demo = load_demo_script()

@@ -154,6 +154,24 @@ def test_known_pixel_near_hole_weight_scales_only_known_pixels_next_to_a_hole(lo
     assert log["loss/nll"].item() == pytest.approx(nll, rel=1e-6)
 
 
+def test_hole_weight_adds_a_constant_l1_term_on_hole_pixels_only(loss_fn, monkeypatch):
+    """hole_weight: + w * sum(|x - y| * mask) / batch at every step, outside nll; no mask, no term."""
+    _l1_and_known_term(loss_fn, monkeypatch, known_pixel_weight=4.0, known_pixel_weight_steps=10, hole_weight=1.5)
+    x = torch.zeros(2, 3, 4, 4)
+    y = torch.zeros(2, 3, 4, 4)
+    y[0, 0, 0, 0] = 0.8  # known pixel: nll and the (annealed) known-pixel term
+    y[1, 2, 3, 3] = -0.4  # hole pixel: nll and the hole term
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[1, :, 3, 3] = 1.0
+    nll = (0.8 + 0.4) / 2
+    for step, w in ((0, 4.0), (10, 0.0), (500, 0.0)):
+        loss, log = loss_fn.generator_loss(x, y, None, step=step, last_layer=None, mask=mask)
+        assert loss.item() == pytest.approx(nll + w * 0.8 / 2 + 1.5 * 0.4 / 2, rel=1e-6), step
+        assert log["loss/nll"].item() == pytest.approx(nll, rel=1e-6)
+    loss, _ = loss_fn.generator_loss(x, y, None, step=10, last_layer=None)
+    assert loss.item() == pytest.approx(nll, rel=1e-6)
+
+
 def test_known_pixel_weight_must_be_non_negative():
     from ldm_asym.losses import AsymLoss
 
@@ -163,6 +181,8 @@ def test_known_pixel_weight_must_be_non_negative():
         AsymLoss(lpips_pretrained=False, perceptual_weight=0.0, known_pixel_border_weight=-1.0)
     with pytest.raises(ValueError, match="known_pixel_near_hole_weight"):
         AsymLoss(lpips_pretrained=False, perceptual_weight=0.0, known_pixel_near_hole_weight=-1.0)
+    with pytest.raises(ValueError, match="hole_weight"):
+        AsymLoss(lpips_pretrained=False, perceptual_weight=0.0, hole_weight=-1.0)
 
 
 def test_lpips_term_is_per_image_mean_and_weighted(loss_fn, monkeypatch):
