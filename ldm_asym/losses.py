@@ -153,8 +153,9 @@ class AsymLoss(nn.Module):
             features with the decoder's hole features: the same cause as the border ring.
         hole_weight: an extra L1 term on the hole pixels (``mask == 1``; all pixels of an all-ones
             mask), ``hole_weight * sum(|x - x̂| * mask) / batch``, constant, added outside ``nll`` like
-            the known-pixel term. Not in the paper (default 0): at demo scale it lifts the hole PSNR
-            by 0.4-0.8 dB at no cost in the unmasked-error cut (docs/convergence.md). Once the known
+            the known-pixel term. Not in the paper (default 0): at demo scale it lifted the hole PSNR
+            by 0.4-0.8 dB while the unmasked-error cut moved by no more than the seed moves it
+            (docs/convergence.md, "The hole weight"). Once the known
             pixels pass through, the whole-image L1 still spends most of its (sign) gradient on them;
             this gives the holes, which only the decoder's own path can fix, a larger share.
     """
