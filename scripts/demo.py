@@ -12,7 +12,7 @@
    (all-ones mask) is no worse. Exit status 1 when the bar is missed.
 
 The training is the paper recipe plus the fast start (docs/convergence.md); the paper recipe alone:
-    python scripts/demo.py model.params.lr_scales=null model.params.loss.params.known_pixel_weight=0 \
+    python scripts/demo.py model.params.lr_scales=null model.params.loss.params.known_pixel_weight=0 \\
         model.params.loss.params.hole_weight=0
 
     python scripts/demo.py                          # the full demo (make demo)
